@@ -22,6 +22,7 @@ class PatternError(SafeDecodeError):
 
     def __init__(self, message: str, pattern: str | None = None, position: int | None = None,
                  rule: str | None = None):
+        self.message = message
         self.pattern = pattern
         self.position = position
         self.rule = rule

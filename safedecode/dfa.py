@@ -1,0 +1,248 @@
+"""Determinization: the character-level DFA for "the text so far contains a match" (Σ*(P1|…|Pn)).
+
+Layer 4 of the compiler. Subset construction over alphabet classes, with the zero-width
+assertions resolved the way regex-automata resolves its "look" assertions:
+
+  * look-behind (``\\A``/``^``, and the left side of ``\\b``/``\\B``) is part of the DFA state as
+    ``prev`` — START, a WORD character or a NONWORD character;
+  * look-ahead (the right side of ``\\b``/``\\B``) is resolved when the next character's class is
+    known (or at the end of the text), so an epsilon closure is computed per look-ahead kind;
+  * end assertions become *obligations* carried by a thread: ``\\Z`` means "the rest of the text is
+    empty", ``$`` means "the rest is empty or exactly one newline" (Python/``regex`` semantics
+    without MULTILINE). A thread whose obligation cannot hold dies.
+
+A state's ``end_accept`` flag says "the text as it stands now contains a match" (anchors see the end
+here); the absorbing state ``MATCH`` (id 0) says "a match was completed that no continuation can
+undo". Prefix-safety needs both: a token is forbidden iff its walk reaches MATCH or ends in a state
+with ``end_accept``.
+
+Invariants:
+  * state 0 is MATCH (absorbing); the start state is 1;
+  * ``trans[s, c]`` is total over classes; ``end_accept[0]`` is True;
+  * more than ``max_states`` states raises :class:`AutomatonTooLargeError` — never a partial DFA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import AutomatonTooLargeError
+from .nfa import ASSERT, CHAR, EPS, MATCH, NFA, SPLIT
+
+MATCH_STATE = 0
+START_STATE = 1
+
+# Look-behind kinds (``prev``) and look-ahead kinds.
+START, WORD, NONWORD = 0, 1, 2
+LA_END, LA_NEWLINE, LA_WORD, LA_NONWORD = 0, 1, 2, 3
+
+# Obligations carried by a thread: none, "text ends now", "rest of text is exactly '\n'".
+FREE, END_NOW, NEWLINE_THEN_END = 0, 1, 2
+
+
+def _combine(held: int, required: int) -> int:
+    """Conjunction of two obligations, or -1 if they contradict."""
+    if held == FREE or held == required:
+        return required
+    return -1
+
+
+@dataclass(frozen=True)
+class CharDFA:
+    trans: np.ndarray        # int32 [n_states, n_classes]
+    end_accept: np.ndarray   # bool [n_states]
+    word_class: np.ndarray   # bool [n_classes]: class consists of \w characters
+    alphabet: object
+
+    @property
+    def n_states(self) -> int:
+        return self.trans.shape[0]
+
+
+class _Determinizer:
+    def __init__(self, nfa: NFA, alphabet, word_classes: np.ndarray, newline_class: int,
+                 distinguish_words: bool, distinguish_newline: bool, max_states: int):
+        self.nfa = nfa
+        self.alphabet = alphabet
+        self.n_classes = alphabet.n_classes
+        self.max_states = max_states
+        self.word_class = word_classes
+        # The look-behind kind after consuming each class, and the look-ahead kind of each class.
+        if distinguish_words:
+            self.prev_after = np.where(word_classes, WORD, NONWORD).astype(np.int8)
+            la = np.where(word_classes, LA_WORD, LA_NONWORD)
+        else:
+            self.prev_after = np.full(self.n_classes, NONWORD, np.int8)
+            la = np.full(self.n_classes, LA_NONWORD)
+        if distinguish_newline:
+            la[newline_class] = LA_NEWLINE
+        self.la_of_class = la
+        self.newline_class = newline_class
+        self.classes_by_la = {k: np.flatnonzero(la == k) for k in (LA_NEWLINE, LA_WORD, LA_NONWORD)}
+        self.la_kinds = [k for k, v in self.classes_by_la.items() if len(v)]
+        self.states: dict[tuple, int] = {}
+        self.keys: list[tuple] = []
+        self.rows: list[np.ndarray] = []
+        self.node_classes: dict[tuple, tuple] = {}
+        self.seed_closures: dict[tuple, tuple] = {}
+
+    # -- epsilon closure under a known look-behind and look-ahead ------------------------------
+    def closure(self, seeds, prev: int, la: int):
+        """Threads at CHAR nodes reachable from ``seeds``, and whether MATCH is reached.
+
+        Returns ``(char_threads, matched, pending_newline)``: ``matched`` means a match ends here
+        given the look-ahead; ``pending_newline`` means one will if the rest is exactly "\\n".
+        The closure of a set is the union of its seeds' closures, each computed once.
+        """
+        cache = self.seed_closures
+        threads: set = set()
+        matched = pending_newline = False
+        for seed in seeds:
+            key = (seed, prev, la)
+            one = cache.get(key)
+            if one is None:
+                one = cache[key] = self.closure_of_seed(seed, prev, la)
+            threads.update(one[0])
+            matched |= one[1]
+            pending_newline |= one[2]
+        return threads, matched, pending_newline
+
+    def closure_of_seed(self, seed: int, prev: int, la: int):
+        nfa = self.nfa
+        kind, out1, out2, arg = nfa.kind, nfa.out1, nfa.out2, nfa.arg
+        prev_word = prev == WORD
+        next_word = la == LA_WORD
+        seen = set()
+        stack = [seed]
+        char_threads = []
+        matched = pending_newline = False
+        while stack:
+            thread = stack.pop()
+            if thread in seen:
+                continue
+            seen.add(thread)
+            node, ob = divmod(thread, 3)
+            if ob == END_NOW and la != LA_END or ob == NEWLINE_THEN_END and la != LA_NEWLINE:
+                continue
+            k = kind[node]
+            if k == CHAR:
+                char_threads.append(thread)
+            elif k == MATCH:
+                if ob == FREE or ob == END_NOW:
+                    matched = True
+                else:
+                    pending_newline = True
+            elif k == EPS:
+                stack.append(out1[node] * 3 + ob)
+            elif k == SPLIT:
+                stack.append(out1[node] * 3 + ob)
+                stack.append(out2[node] * 3 + ob)
+            else:  # ASSERT
+                a = arg[node]
+                nxt = out1[node]
+                if a == "start":
+                    if prev == START:
+                        stack.append(nxt * 3 + ob)
+                elif a == "word_boundary":
+                    if prev_word != next_word:
+                        stack.append(nxt * 3 + ob)
+                elif a == "not_word_boundary":
+                    if prev_word == next_word:
+                        stack.append(nxt * 3 + ob)
+                elif a == "end":
+                    ob2 = _combine(ob, END_NOW)
+                    if ob2 >= 0:
+                        stack.append(nxt * 3 + ob2)
+                elif a == "dollar":
+                    for required in (END_NOW, NEWLINE_THEN_END):
+                        ob2 = _combine(ob, required)
+                        if ob2 >= 0:
+                            stack.append(nxt * 3 + ob2)
+                else:  # pragma: no cover - the parser only produces the kinds above
+                    raise AssertionError(a)
+        return tuple(char_threads), matched, pending_newline
+
+    def step_all(self, char_threads, la: int) -> dict[int, list[int]]:
+        """Consume one character of each class of look-ahead kind ``la``: class → moved seeds."""
+        nfa = self.nfa
+        moved: dict[int, list[int]] = {}
+        for thread in char_threads:
+            node, ob = divmod(thread, 3)
+            if ob == NEWLINE_THEN_END:
+                ob = END_NOW  # closure only keeps this thread when the character is "\n"
+            seed = nfa.out1[node] * 3 + ob
+            for cls in self.classes_of_node(node, la):
+                moved.setdefault(cls, []).append(seed)
+        return moved
+
+    def classes_of_node(self, node: int, la: int) -> tuple:
+        key = (node, la)
+        classes = self.node_classes.get(key)
+        if classes is None:
+            classes = self.node_classes[key] = tuple(c for c in self.nfa.arg[node] if self.la_of_class[c] == la)
+        return classes
+
+    # -- states ---------------------------------------------------------------------------------
+    def intern(self, seeds: frozenset, prev: int) -> int:
+        key = (seeds, prev)
+        state = self.states.get(key)
+        if state is None:
+            state = len(self.keys)
+            if state > self.max_states:
+                raise AutomatonTooLargeError(f"more than {self.max_states} DFA states")
+            self.states[key] = state
+            self.keys.append(key)
+        return state
+
+    def run(self) -> CharDFA:
+        self.keys.append(None)  # state 0: MATCH
+        start_seed = self.nfa.start * 3 + FREE
+        # The implicit Σ* restart: the start seed's contribution depends only on (prev, class).
+        restart = {}
+        for prev in (START, WORD, NONWORD):
+            for la in self.la_kinds:
+                threads, matched, _ = self.closure([start_seed], prev, la)
+                assert not matched, "nullable patterns are refused by the parser"
+                moved = self.step_all(threads, la)
+                for cls in self.classes_by_la[la]:
+                    restart[prev, int(cls)] = frozenset(moved.get(int(cls), ()))
+        default_row = {}
+        first = self.intern(frozenset(), START)
+        assert first == START_STATE
+        end_accept = [True]
+        self.rows.append(np.zeros(self.n_classes, np.int32))
+        queue_index = START_STATE
+        while queue_index < len(self.keys):
+            seeds, prev = self.keys[queue_index]
+            queue_index += 1
+            if prev not in default_row:
+                default_row[prev] = np.array(
+                    [self.intern(restart[prev, c], int(self.prev_after[c])) for c in range(self.n_classes)],
+                    dtype=np.int32)
+            row = default_row[prev].copy()
+            if seeds:
+                for la in self.la_kinds:
+                    threads, matched, pending_newline = self.closure(seeds, prev, la)
+                    if matched:
+                        row[self.classes_by_la[la]] = MATCH_STATE
+                        continue
+                    moved_by_class = self.step_all(threads, la)
+                    if pending_newline:  # a match that holds if the rest of the text is exactly "\n"
+                        moved_by_class.setdefault(self.newline_class, []).append(self.nfa.match * 3 + END_NOW)
+                    for cls, moved in moved_by_class.items():
+                        row[cls] = self.intern(restart[prev, cls].union(moved), int(self.prev_after[cls]))
+                _, at_end, _ = self.closure(seeds, prev, LA_END)
+            else:
+                at_end = False
+            end_accept.append(at_end)
+            self.rows.append(row)
+        trans = np.vstack(self.rows).astype(np.int32)
+        return CharDFA(trans, np.array(end_accept, dtype=bool), self.word_class, self.alphabet)
+
+
+def determinize(nfa: NFA, alphabet, word_classes: np.ndarray, newline_class: int, *,
+                distinguish_words: bool, distinguish_newline: bool, max_states: int) -> CharDFA:
+    """Subset construction of Σ*·NFA with assertions; see the module docstring."""
+    return _Determinizer(nfa, alphabet, word_classes, newline_class, distinguish_words,
+                         distinguish_newline, max_states).run()

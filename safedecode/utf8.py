@@ -1,0 +1,184 @@
+"""From characters to bytes: the byte-level DFA, including how invalid UTF-8 decodes.
+
+Layer 5 of the compiler. Tokens are byte strings, and a token may end in the middle of a
+character, so the automaton the tokens walk must read bytes. This module composes the character
+DFA with a UTF-8 decoder that behaves exactly like ``bytes.decode("utf-8", "replace")``:
+
+  * a valid sequence decodes to its code point;
+  * a byte that cannot start a sequence (80–BF, C0, C1, F5–FF) decodes to U+FFFD;
+  * a started sequence interrupted by a byte that cannot continue it decodes to one U+FFFD
+    (the "maximal subpart" rule), and the interrupting byte is then decoded afresh;
+  * an incomplete sequence at the very end of the text is not yet a character.
+
+Byte states are the character states (same ids, so MATCH is 0 and start is 1) plus
+*intermediate* states "inside a character". An intermediate state is identified by what it can
+still do — the character state to fall back to on an invalid byte (via U+FFFD), whether the text
+so far matches at its end, the legal next-byte range, and the map from remaining code points to
+target states — so the many byte prefixes that behave alike share one state.
+
+Invariants: ``trans`` is total over 256 bytes; ``end_accept`` of an intermediate state equals
+that of the character state it started from (an incomplete character adds no text).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from .charsets import REPLACEMENT_CHARACTER
+from .dfa import MATCH_STATE, CharDFA
+from .errors import AutomatonTooLargeError
+
+
+@dataclass(frozen=True)
+class ByteDFA:
+    trans: np.ndarray       # int32 [n_states, 256]
+    end_accept: np.ndarray  # bool [n_states]
+    start: int = 1
+
+    @property
+    def n_states(self) -> int:
+        return self.trans.shape[0]
+
+    def walk(self, state: int, data: bytes) -> int:
+        """Follow ``data`` from ``state`` (pure Python; for tests and verification)."""
+        for byte in data:
+            state = int(self.trans[state, byte])
+        return state
+
+
+def _lead_info(byte: int):
+    """For a UTF-8 lead byte: (continuation count, code point base, next-byte range) or None."""
+    if 0xC2 <= byte <= 0xDF:
+        return 1, (byte & 0x1F) << 6, (0x80, 0xBF)
+    if 0xE0 <= byte <= 0xEF:
+        valid = (0xA0, 0xBF) if byte == 0xE0 else (0x80, 0x9F) if byte == 0xED else (0x80, 0xBF)
+        return 2, (byte & 0x0F) << 12, valid
+    if 0xF0 <= byte <= 0xF4:
+        valid = (0x90, 0xBF) if byte == 0xF0 else (0x80, 0x8F) if byte == 0xF4 else (0x80, 0xBF)
+        return 3, (byte & 0x07) << 18, valid
+    return None
+
+
+class _ByteBuilder:
+    def __init__(self, dfa: CharDFA, max_states: int):
+        self.dfa = dfa
+        self.alphabet = dfa.alphabet
+        self.max_states = max_states
+        n = dfa.n_states
+        self.fffd_class = self.alphabet.class_of(REPLACEMENT_CHARACTER)
+        self.ascii_classes = np.array([self.alphabet.class_of(b) for b in range(128)])
+        self.n_char = n
+        self.rows: list = [None] * n
+        self.end_accept: list[bool] = list(dfa.end_accept)
+        self.intermediates: dict[tuple, int] = {}
+        self.pending: list[tuple[int, tuple]] = []
+        self.lead_cache: dict[int, tuple] = {}
+        self.lead_states: dict[tuple, int] = {}
+        self.upper_rows: dict[bytes, np.ndarray] = {}
+        # Classes holding a non-ASCII code point (U+FFFD among them): they decide a row's upper half.
+        self.upper_classes = np.unique(self.alphabet.interval_class[np.searchsorted(self.alphabet.starts, 128, "right") - 1:])
+
+    def new_intermediate(self, key: tuple) -> int:
+        state = self.intermediates.get(key)
+        if state is None:
+            state = self.n_char + len(self.intermediates)
+            if len(self.intermediates) > self.max_states:
+                raise AutomatonTooLargeError(f"more than {self.max_states} UTF-8 intermediate states")
+            self.intermediates[key] = state
+            self.rows.append(None)
+            self.end_accept.append(key[1])
+            self.pending.append((state, key))
+        return state
+
+    def lead_pieces(self, byte: int):
+        """(offset_lo, offset_hi, class) pieces of the code points a lead byte can start, and their classes."""
+        cached = self.lead_cache.get(byte)
+        if cached is None:
+            count, base, (valid_lo, valid_hi) = _lead_info(byte)
+            shift = 6 * (count - 1)  # only code points the legal second bytes can reach (no overlongs)
+            lo = base + ((valid_lo & 0x3F) << shift)
+            hi = base + ((valid_hi & 0x3F) << shift) + (1 << shift) - 1
+            pieces = self.alphabet.classes_in(lo, hi)
+            offsets = np.array([(a - base, b - base) for a, b, _ in pieces], dtype=np.int64)
+            classes = np.array([c for _, _, c in pieces], dtype=np.int64)
+            cached = self.lead_cache[byte] = (offsets, classes)
+        return cached
+
+    def code_point_map(self, char_state: int, byte: int) -> tuple:
+        """Targets from ``char_state`` for the code points lead ``byte`` starts, as merged
+        ``(offset_lo, offset_hi, target)`` pieces (offsets relative to the first such code point)."""
+        offsets, classes = self.lead_pieces(byte)
+        targets = self.dfa.trans[char_state, classes]
+        keep = np.ones(len(targets), dtype=bool)
+        keep[1:] = targets[1:] != targets[:-1]
+        firsts = np.flatnonzero(keep)
+        lasts = np.append(firsts[1:] - 1, len(targets) - 1)
+        return tuple(zip(offsets[firsts, 0].tolist(), offsets[lasts, 1].tolist(), targets[firsts].tolist()))
+
+    def base_row(self, s: int) -> np.ndarray:
+        """The 256-entry row of character state ``s``."""
+        if self.rows[s] is not None:
+            return self.rows[s]
+        row = np.empty(256, np.int32)
+        if s == MATCH_STATE:
+            row[:] = MATCH_STATE
+        else:
+            row[:128] = self.dfa.trans[s, self.ascii_classes]
+            fffd_target = int(self.dfa.trans[s, self.fffd_class])
+            accept = bool(self.dfa.end_accept[s])
+            signature = self.dfa.trans[s, self.upper_classes].tobytes() + bytes([accept])
+            upper = self.upper_rows.get(signature)
+            if upper is not None:  # same targets for every non-ASCII character: same upper half
+                row[128:] = upper
+                self.rows[s] = row
+                return row
+            row[128:] = fffd_target  # bytes that cannot start a character decode to U+FFFD
+            for byte in range(0xC2, 0xF5):
+                _, classes = self.lead_pieces(byte)
+                key = (byte, self.dfa.trans[s, classes].tobytes(), fffd_target, accept)
+                state = self.lead_states.get(key)
+                if state is None:
+                    count, _, valid = _lead_info(byte)
+                    cmap = self.code_point_map(s, byte)
+                    state = self.lead_states[key] = self.new_intermediate((fffd_target, accept, count, valid, cmap))
+                row[byte] = state
+            self.upper_rows[signature] = row[128:].copy()
+        self.rows[s] = row
+        return row
+
+    def intermediate_row(self, key: tuple) -> np.ndarray:
+        fffd_target, accept, remaining, (valid_lo, valid_hi), cmap = key
+        if fffd_target == MATCH_STATE:
+            row = np.full(256, MATCH_STATE, np.int32)
+        else:
+            row = self.base_row(fffd_target).copy()  # invalid next byte: U+FFFD, then decode it afresh
+        shift = 6 * (remaining - 1)
+        piece_starts = [a for a, _, _ in cmap]
+        for byte in range(valid_lo, valid_hi + 1):
+            lo = (byte & 0x3F) << shift
+            hi = lo + (1 << shift) - 1
+            first = bisect.bisect_right(piece_starts, lo) - 1
+            if remaining == 1:
+                row[byte] = cmap[first][2]
+                continue
+            last = bisect.bisect_right(piece_starts, hi) - 1
+            window = tuple((max(a, lo) - lo, min(b, hi) - lo, t) for a, b, t in cmap[first:last + 1])
+            row[byte] = self.new_intermediate((fffd_target, accept, remaining - 1, (0x80, 0xBF), window))
+        return row
+
+    def run(self) -> ByteDFA:
+        for s in range(self.n_char):
+            self.base_row(s)
+        while self.pending:
+            state, key = self.pending.pop()
+            self.rows[state] = self.intermediate_row(key)
+        for s in range(self.n_char):  # intermediate rows may have requested more base rows
+            self.base_row(s)
+        return ByteDFA(np.vstack(self.rows).astype(np.int32), np.array(self.end_accept, dtype=bool))
+
+
+def to_bytes(dfa: CharDFA, max_states: int = 1_000_000) -> ByteDFA:
+    """Compose the character DFA with a UTF-8 decoder (errors="replace" semantics)."""
+    return _ByteBuilder(dfa, max_states).run()

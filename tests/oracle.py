@@ -1,0 +1,31 @@
+"""The reference semantics of DESIGN §1, written independently of the library, for tests."""
+import regex
+
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _incomplete_tail(data: bytes) -> int:
+    """Length of a trailing, so far valid but unfinished UTF-8 sequence (0 if none)."""
+    for k in range(1, min(3, len(data)) + 1):
+        lead = data[-k]
+        need = 1 if 0xC2 <= lead <= 0xDF else 2 if 0xE0 <= lead <= 0xEF else 3 if 0xF0 <= lead <= 0xF4 else 0
+        if need == 0:
+            if 0x80 <= lead <= 0xBF:
+                continue  # a continuation byte: look further back for the lead
+            return 0
+        if k > need:
+            return 0
+        rest = data[len(data) - k + 1:]
+        lo, hi = _SECOND_BYTE.get(lead, (0x80, 0xBF))
+        ok = all((lo <= b <= hi) if i == 0 else (0x80 <= b <= 0xBF) for i, b in enumerate(rest))
+        return k if ok and k <= need else 0
+    return 0
+
+
+def text_of(data: bytes) -> str:
+    """UTF-8 with U+FFFD for invalid bytes; an incomplete sequence at the very end is not yet a char."""
+    return data[:len(data) - _incomplete_tail(data)].decode("utf-8", "replace")
+
+
+def contains(pattern: str, flags: int, data: bytes) -> bool:
+    return regex.search(pattern, text_of(data), flags) is not None
