@@ -1,0 +1,214 @@
+"""The hot loop: numba kernels that advance row states and mask forbidden token ids.
+
+All tables of a compiled policy are packed into one read-only int32 ``blob`` with a small int64
+header of segment bounds, so a kernel call passes a handful of arguments (numba's dispatch cost
+grows with the argument count). Logits are written through an integer view of the tensor's memory
+(``ninf`` is the bit pattern of -inf for its dtype), so float32, float16 and bfloat16 share one
+kernel and nothing is copied.
+
+Token states: ``0`` is the start; ``-1`` means "a forbidden token was sampled anyway" (another
+processor re-enabled it, or the caller bypassed the mask): such a row fails closed — everything but
+EOS is masked so the sequence ends.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Segment numbers inside the blob (see pack_tables).
+ID_TO_RANK, RANK_TO_ID, DEFAULT_DEST, EXC_PTR, EXC_RANK, EXC_DEST, FORB_PTR, FORB_LO, FORB_HI, \
+    START_FORB_LO, START_FORB_HI, HAS_OVERRIDE, EOS_IDS = range(13)
+SEGMENTS = ("id_to_rank", "rank_to_id", "default_dest", "exc_ptr", "exc_rank", "exc_dest", "forb_ptr",
+            "forb_lo", "forb_hi", "start_forb_lo", "start_forb_hi", "has_override", "eos_ids")
+
+VIOLATED = -1
+
+# Bit patterns of -inf, per logits dtype, read through a same-width integer view.
+NEG_INF_BITS = {"float32": np.int32(-8388608), "float16": np.int16(-1024), "bfloat16": np.int16(-128),
+                "float64": np.int64(-4503599627370496)}
+
+
+def pack_tables(tables: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the named int tables into (blob int32, header int64[2 * n_segments])."""
+    parts = [np.asarray(tables[name]).astype(np.int32).ravel() for name in SEGMENTS]
+    header = np.zeros(2 * len(parts), dtype=np.int64)
+    offset = 0
+    for k, part in enumerate(parts):
+        header[2 * k] = offset
+        offset += len(part)
+        header[2 * k + 1] = offset
+    if offset >= 2**31:
+        raise OverflowError("compiled policy tables exceed 2**31 entries")
+    blob = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+    blob.flags.writeable = False
+    header.flags.writeable = False
+    return blob, header
+
+
+@numba.njit(inline="always")
+def _seg(blob, header, k):
+    return blob[header[2 * k]:header[2 * k + 1]]
+
+
+@numba.njit(cache=True)
+def _find(sorted_values, lo, hi, value):
+    """Index of ``value`` in ``sorted_values[lo:hi]``, or -1."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = sorted_values[mid]
+        if v < value:
+            lo = mid + 1
+        elif v > value:
+            hi = mid
+        else:
+            return mid
+    return -1
+
+
+@numba.njit(cache=True)
+def _in_ranges(los, his, lo, hi, value):
+    """Whether ``value`` lies in one of the sorted disjoint ranges ``[los[k], his[k])``, k in lo..hi."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if his[mid] <= value:
+            lo = mid + 1
+        elif los[mid] > value:
+            hi = mid
+        else:
+            return True
+    return False
+
+
+@numba.njit(cache=True)
+def next_state(blob, header, state, token):
+    """The state after ``token``; tokens without text leave it unchanged; VIOLATED is absorbing."""
+    id_to_rank = _seg(blob, header, ID_TO_RANK)
+    if state < 0 or token < 0 or token >= len(id_to_rank):
+        return state
+    r = id_to_rank[token]
+    if r < 0:
+        return state
+    forb_ptr = _seg(blob, header, FORB_PTR)
+    if _in_ranges(_seg(blob, header, FORB_LO), _seg(blob, header, FORB_HI), forb_ptr[state], forb_ptr[state + 1], r):
+        return VIOLATED
+    exc_ptr = _seg(blob, header, EXC_PTR)
+    k = _find(_seg(blob, header, EXC_RANK), exc_ptr[state], exc_ptr[state + 1], r)
+    if k >= 0:
+        return _seg(blob, header, EXC_DEST)[k]
+    dest = _seg(blob, header, DEFAULT_DEST)[r]
+    return dest if dest >= 0 else VIOLATED
+
+
+@numba.njit(cache=True)
+def mask_row(blob, header, state, row, ninf):
+    """Write ``ninf`` into every id forbidden from ``state`` (all non-EOS ids if VIOLATED)."""
+    rank_to_id = _seg(blob, header, RANK_TO_ID)
+    vocab = len(row)
+    if state < 0:
+        eos = _seg(blob, header, EOS_IDS)
+        saved = np.empty(len(eos), row.dtype)
+        for k in range(len(eos)):
+            saved[k] = row[eos[k]] if eos[k] < vocab else ninf
+        row[:] = ninf
+        for k in range(len(eos)):
+            if eos[k] < vocab:
+                row[eos[k]] = saved[k]
+        return
+    exc_ptr = _seg(blob, header, EXC_PTR)
+    exc_rank = _seg(blob, header, EXC_RANK)
+    override = _seg(blob, header, HAS_OVERRIDE)[state] != 0
+    lo_s = _seg(blob, header, START_FORB_LO)
+    hi_s = _seg(blob, header, START_FORB_HI)
+    for k in range(len(lo_s)):
+        for r in range(lo_s[k], hi_s[k]):
+            if override and _find(exc_rank, exc_ptr[state], exc_ptr[state + 1], r) >= 0:
+                continue
+            token = rank_to_id[r]
+            if token < vocab:
+                row[token] = ninf
+    forb_ptr = _seg(blob, header, FORB_PTR)
+    forb_lo = _seg(blob, header, FORB_LO)
+    forb_hi = _seg(blob, header, FORB_HI)
+    for k in range(forb_ptr[state], forb_ptr[state + 1]):
+        for r in range(forb_lo[k], forb_hi[k]):
+            token = rank_to_id[r]
+            if token < vocab:
+                row[token] = ninf
+
+
+@numba.njit(cache=True)
+def _restore_eos_if_stuck(blob, header, row, ninf):
+    """DESIGN §1 "never stuck": if EOS is masked (by someone) and nothing else is left, unmask EOS."""
+    eos = _seg(blob, header, EOS_IDS)
+    vocab = len(row)
+    first = -1
+    for k in range(len(eos)):
+        if eos[k] < vocab:
+            if row[eos[k]] != ninf:
+                return
+            if first < 0:
+                first = eos[k]
+    if first < 0:
+        return
+    for v in range(vocab):
+        if row[v] != ninf:
+            return
+    row[first] = 0  # the bit pattern of 0.0 in every float format
+
+
+@numba.njit(cache=True)
+def _same_prefix(a, b, n):
+    for j in range(n):
+        if a[j] != b[j]:
+            return False
+    return True
+
+
+@numba.njit(cache=True)
+def guard_step(blob, header, input_ids, history, meta, states, logits, ninf):
+    """One decoding step for a batch: recognise the rows, advance their states, mask their logits.
+
+    ``history[:meta[0], :meta[1]]`` holds the ids seen at the previous call and ``states`` their
+    states. A call whose rows each extend some previous row by exactly one token continues those
+    rows (beam search may permute them); anything else starts a new generation whose prompt is the
+    current ``input_ids``. ``meta = [rows, length, prompt_length]`` is updated in place.
+    Returns True if this call started a new generation.
+    """
+    batch, length = input_ids.shape
+    prev_rows, prev_len = meta[0], meta[1]
+    parents = np.empty(batch, np.int64)
+    continuing = prev_rows == batch and length == prev_len + 1 and prev_len > 0
+    if continuing:
+        for i in range(batch):
+            parents[i] = -1
+            if _same_prefix(input_ids[i], history[i], prev_len):
+                parents[i] = i
+            else:
+                for j in range(prev_rows):
+                    if _same_prefix(input_ids[i], history[j], prev_len):
+                        parents[i] = j
+                        break
+            if parents[i] < 0:
+                continuing = False
+                break
+    if continuing:
+        new_states = np.empty(batch, np.int32)
+        for i in range(batch):
+            new_states[i] = next_state(blob, header, states[parents[i]], input_ids[i, length - 1])
+        for i in range(batch):
+            states[i] = new_states[i]
+            if parents[i] == i:
+                history[i, length - 1] = input_ids[i, length - 1]
+            else:
+                history[i, :length] = input_ids[i]
+    else:
+        for i in range(batch):
+            states[i] = 0
+            history[i, :length] = input_ids[i]
+        meta[2] = length
+    meta[0] = batch
+    meta[1] = length
+    for i in range(batch):
+        mask_row(blob, header, states[i], logits[i], ninf)
+        _restore_eos_if_stuck(blob, header, logits[i], ninf)
+    return not continuing
