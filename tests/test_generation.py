@@ -1,0 +1,144 @@
+"""The processor inside real ``model.generate`` runs on the embedded SmolLM2.
+
+A checking processor placed right after the guard recomputes, for every row at every step, the
+automaton state from that row's generated tokens alone and asserts the guard masked exactly the
+ids that state forbids — so batching, left padding, beam reordering and processor reuse are all
+checked against ground truth, and every final text is checked by the ``regex`` oracle.
+"""
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, NoBadWordsLogitsProcessor
+
+import safedecode
+from safedecode import Policy, SafeLogitsProcessor, find_violations
+
+pytestmark = pytest.mark.model
+
+POLICY = Policy(forbid=[
+    {"literal": "Paris", "id": "paris"},
+    {"literal": "hunter2", "id": "hunter2"},
+    {"literal": " the ", "id": "the"},
+    {"regex": r"\d{2}", "id": "two-digits"},
+])
+
+
+class ExactMaskChecker(LogitsProcessor):
+    """Asserts the guard's mask equals the forbidden set recomputed from each row's own suffix."""
+
+    def __init__(self, guard: SafeLogitsProcessor):
+        self.guard = guard
+        self.steps = 0
+        self.masked_total = 0
+
+    def __call__(self, input_ids, scores):
+        compiled = self.guard.compiled
+        start = self.guard.prompt_length
+        for row in range(input_ids.shape[0]):
+            state = compiled.walk(input_ids[row, start:].tolist())
+            expected = compiled.forbidden_ids(state, scores.shape[-1])
+            actual = np.flatnonzero(torch.isneginf(scores[row]).numpy())
+            assert np.array_equal(actual, expected), f"row {row} step {self.steps}: mask differs from its suffix's"
+            self.masked_total += len(actual)
+        self.steps += 1
+        return scores
+
+
+def run(model, tokenizer, prompts, guard, **kwargs):
+    checker = ExactMaskChecker(guard)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, logits_processor=LogitsProcessorList([guard, checker]),
+                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    for text in texts:
+        assert find_violations(POLICY, text) == [], text
+    assert checker.steps > 0 and checker.masked_total > 0
+    return texts
+
+
+def chat(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def test_greedy_batch_with_left_padding(smollm2_model):
+    model, tok = smollm2_model
+    prompts = [chat(tok, "What is the capital of France?"), chat(tok, "Count from 10 to 20."),
+               chat(tok, "Repeat after me: the password is hunter2")]
+    texts = run(model, tok, prompts, SafeLogitsProcessor(POLICY, tok), max_new_tokens=24, do_sample=False)
+    assert all(t.strip() for t in texts)
+
+
+def test_sampling_and_beam_search(smollm2_model):
+    model, tok = smollm2_model
+    prompts = [chat(tok, "Tell me about Paris."), chat(tok, "List some numbers.")]
+    torch.manual_seed(0)
+    run(model, tok, prompts, SafeLogitsProcessor(POLICY, tok), max_new_tokens=16, do_sample=True, temperature=1.0)
+    run(model, tok, prompts, SafeLogitsProcessor(POLICY, tok), max_new_tokens=12, num_beams=3, do_sample=False)
+
+
+def test_processor_reused_across_generate_calls(smollm2_model):
+    model, tok = smollm2_model
+    guard = SafeLogitsProcessor(POLICY, tok)
+    first = run(model, tok, [chat(tok, "Count from 10 to 20.")], guard, max_new_tokens=10)
+    second = run(model, tok, [chat(tok, "What is the capital of France?"), chat(tok, "Say hi.")], guard,
+                 max_new_tokens=10)
+    assert first and len(second) == 2
+
+
+def test_phrase_the_unguarded_model_says_is_not_said(smollm2_model):
+    model, tok = smollm2_model
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    never = Policy(forbid=[{"literal": "zzqqxxj"}])  # a policy that forbids nothing the model says
+    unguarded = safedecode.generate(model, tok, messages, never, max_new_tokens=30)
+    assert "Paris" in unguarded.text  # precondition: the model does say it
+    guarded = safedecode.generate(model, tok, messages, Policy(forbid=[{"literal": "Paris"}]), max_new_tokens=30)
+    assert "Paris" not in guarded.text and find_violations(Policy(forbid=[{"literal": "Paris"}]), guarded.text) == []
+    assert guarded.text.strip(), "the guarded answer must still say something"
+    assert str(guarded) == guarded.text
+
+
+def test_generate_batch_returns_a_list(smollm2_model):
+    model, tok = smollm2_model
+    results = safedecode.generate(model, tok, ["Hello", "The capital of France is"], POLICY, max_new_tokens=8)
+    assert isinstance(results, list) and len(results) == 2
+    assert all(find_violations(POLICY, r.text) == [] for r in results)
+
+
+def test_bad_words_ids_leaks_through_another_tokenization_safedecode_does_not(smollm2_tokenizer):
+    """transformers bans token *sequences*; the same phrase spelled with other tokens gets through."""
+    tok = smollm2_tokenizer
+    phrase = "hunter2"
+    bad_words = [tok.encode(phrase, add_special_tokens=False), tok.encode(" " + phrase, add_special_tokens=False)]
+    spelled = [tok.convert_tokens_to_ids(c) for c in phrase]  # one token per character
+    assert spelled not in bad_words and all(isinstance(i, int) for i in spelled)
+    vocab = len(tok)
+
+    def force(processor):
+        ids = [tok.eos_token_id]
+        for target in spelled:
+            scores = torch.zeros((1, vocab))
+            scores[0, target] = 10.0  # the model "wants" the next character of the phrase
+            scores = processor(torch.tensor([ids]), scores)
+            ids.append(int(torch.argmax(scores[0])))
+        return tok.decode(ids[1:])
+
+    leaked = force(NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id))
+    assert phrase in leaked
+    guarded = force(SafeLogitsProcessor(Policy(forbid=[{"literal": phrase}]), tok))
+    assert phrase not in guarded
+
+
+def test_eos_is_restored_when_nothing_else_is_left(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    guard = SafeLogitsProcessor(Policy(forbid=[{"regex": r"[\s\S]"}]), tok)  # every character is forbidden
+    forbidden = set(guard.compiled.forbidden_ids(0, len(tok)).tolist())
+    assert len(forbidden) > 40_000
+    scores = torch.zeros((1, len(tok)))
+    # Another processor (e.g. min_new_tokens) masked EOS and everything the policy would still allow
+    # (special tokens, and lone UTF-8 lead bytes, which are not yet a character).
+    scores[0, [i for i in range(len(tok)) if i not in forbidden]] = float("-inf")
+    out = guard(torch.tensor([[1, 2, 3]]), scores)
+    alive = torch.nonzero(~torch.isneginf(out[0])).flatten().tolist()
+    assert alive == [guard.compiled.eos_ids[0]]
+    assert out[0, alive[0]] == 0.0
