@@ -11,6 +11,7 @@ every thread, request and processor. Adapters only use its small interface: ``st
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,8 +98,18 @@ def _vocabulary_of(tokenizer) -> Vocabulary:
     return cached[1]
 
 
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """Hash of the library's own sources: a changed compiler never reuses an old cache entry."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(policy: Policy, vocabulary: Vocabulary, max_states: int) -> str:
-    text = f"{policy.digest()}|{vocabulary.digest()}|{__version__}|{TABLE_FORMAT}|{max_states}"
+    """Disk/memory cache key: (policy hash, vocabulary hash, library version and code, limits)."""
+    text = f"{policy.digest()}|{vocabulary.digest()}|{__version__}|{_code_fingerprint()}|{TABLE_FORMAT}|{max_states}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -7,7 +7,9 @@ is that reference check, and the compiled automaton must agree with it on every 
 Invariants:
   * a :class:`Policy` is immutable (frozen models, tuples), so it can be hashed and shared;
   * every rule in a constructed :class:`Policy` has passed the pattern parser, so unsupported
-    constructs and empty-matching patterns are refused at load time, naming rule and position.
+    constructs and empty-matching patterns are refused at construction, naming rule and position;
+  * bad input raises exactly one :class:`PolicyError` or :class:`PatternError` (never a raw
+    pydantic error) that names the file (when loading), the rule's index and id, and the field.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
 import regex
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import PatternError, PolicyError
+from .errors import PolicyError, SafeDecodeError
+from .syntax import parse
 
 
 class _RuleBase(BaseModel):
@@ -33,13 +36,6 @@ class _RuleBase(BaseModel):
     def flags(self) -> int:
         """Flags for the ``regex`` package (the oracle)."""
         return regex.IGNORECASE if self.ignore_case else 0
-
-    @model_validator(mode="after")
-    def _pattern_is_supported(self):
-        from .syntax import parse  # local import: syntax imports nothing from here
-
-        parse(self.pattern, ignore_case=self.ignore_case, rule=self.id)
-        return self
 
 
 class LiteralRule(_RuleBase):
@@ -67,31 +63,76 @@ class RegexRule(_RuleBase):
 Rule = Union[LiteralRule, RegexRule]
 
 
-def _rule_from_mapping(value: Any) -> Any:
-    """Pick the rule type from its keys, refusing both/neither of ``literal`` and ``regex``."""
-    if isinstance(value, (LiteralRule, RegexRule)) or not isinstance(value, dict):
-        return value
-    has_literal, has_regex = "literal" in value, "regex" in value
-    if has_literal and has_regex:
-        raise ValueError("a rule has both 'literal' and 'regex'; give exactly one")
-    if not has_literal and not has_regex:
-        raise ValueError("a rule needs exactly one of 'literal' or 'regex'")
-    return LiteralRule(**value) if has_literal else RegexRule(**value)
+_RULE_KEYS = "literal | regex, ignore_case, whole_word (literal only), id"
+
+
+def _rule_label(index: int, raw: Any) -> str:
+    label = f"forbid[{index}]"
+    rule_id = raw.get("id") if isinstance(raw, dict) else getattr(raw, "id", None)
+    return label + (f" (id {rule_id!r})" if isinstance(rule_id, str) else "")
+
+
+def _build_rule(index: int, raw: Any) -> Rule:
+    """One rule from a mapping, or a PolicyError naming the rule and the field."""
+    if isinstance(raw, (LiteralRule, RegexRule)):
+        return raw
+    label = _rule_label(index, raw)
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{label}: a rule must be a table/object, got {type(raw).__name__}")
+    has_literal, has_regex = "literal" in raw, "regex" in raw
+    if has_literal == has_regex:
+        which = "both 'literal' and 'regex'; give exactly one" if has_literal else \
+            "neither; a rule needs exactly one of 'literal' or 'regex'"
+        raise PolicyError(f"{label}: {which}")
+    try:
+        return LiteralRule(**raw) if has_literal else RegexRule(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "rule"
+        raise PolicyError(f"{label}: field '{field}': {_describe(err)}") from None
+
+
+def _describe(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return f"unknown key (allowed: {_RULE_KEYS})"
+    if err["type"] == "string_too_short":
+        return "must not be empty"
+    return f"{err['msg']} (got {err.get('input')!r})"
 
 
 class Policy(BaseModel):
-    """An immutable set of forbidden rules. ``Policy(forbid=[{"literal": "..."}, {"regex": "..."}])``."""
+    """An immutable set of forbidden rules. ``Policy(forbid=[{"literal": "..."}, {"regex": "..."}])``.
+
+    Construction validates every rule and parses every pattern, so a bad rule raises one
+    :class:`PolicyError` / :class:`PatternError` naming the rule (index and id), the field and,
+    for patterns, the position.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     forbid: tuple[Rule, ...] = ()
 
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            inner = err.get("ctx", {}).get("error")
+            if isinstance(inner, SafeDecodeError):
+                raise inner from None
+            if err["type"] == "extra_forbidden":
+                raise PolicyError(f"unknown top-level key {err['loc'][0]!r}; expected 'forbid'") from None
+            raise PolicyError(f"invalid policy: {err['msg']}") from None
+
     @field_validator("forbid", mode="before")
     @classmethod
     def _coerce_rules(cls, rules: Any) -> Any:
         if not isinstance(rules, (list, tuple)):
-            raise ValueError("'forbid' must be a list of rules")
-        return tuple(_rule_from_mapping(rule) for rule in rules)
+            raise PolicyError("'forbid' must be an array of tables ([[forbid]])")
+        built = tuple(_build_rule(i, raw) for i, raw in enumerate(rules))
+        for i, rule in enumerate(built):  # refuse unsupported constructs now, naming rule and position
+            parse(rule.pattern, ignore_case=rule.ignore_case, rule=_rule_label(i, rule))
+        return built
 
     def rule_ids(self) -> list[str]:
         """The id of each rule as used in reports: its ``id`` or ``forbid[i]``."""
@@ -102,7 +143,7 @@ class Policy(BaseModel):
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
-    def __hash__(self) -> int:  # frozen pydantic models with tuples hash fine; make it explicit
+    def __hash__(self) -> int:
         return hash(self.digest())
 
 
@@ -119,44 +160,13 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def policy_from_mapping(data: Any, source: str = "<policy>") -> Policy:
-    """Validate a plain mapping (parsed TOML/JSON) into a :class:`Policy`, with precise errors."""
+    """Validate a plain mapping (parsed TOML/JSON) into a :class:`Policy`; errors start with ``source``."""
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: a policy must be a table/object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(Policy.model_fields))
-    if unknown:
-        raise PolicyError(f"{source}: unknown top-level key(s) {unknown}; expected 'forbid'")
-    rules = data.get("forbid", [])
-    if not isinstance(rules, list):
-        raise PolicyError(f"{source}: 'forbid' must be an array of tables ([[forbid]])")
-    for index, raw in enumerate(rules):
-        _validate_one_rule(raw, index, source)
-    return Policy(forbid=rules)
-
-
-def _validate_one_rule(raw: Any, index: int, source: str) -> None:
-    label = f"forbid[{index}]"
-    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-        label += f" (id {raw['id']!r})"
     try:
-        _rule_from_mapping(raw)
-    except PatternError as exc:
-        raise PolicyError(f"{source}: {label}: field '{'regex' if 'regex' in raw else 'literal'}': {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "rule"
-        raise PolicyError(f"{source}: {label}: field '{field}': {_describe(err)}") from None
-    except (ValueError, TypeError) as exc:
-        raise PolicyError(f"{source}: {label}: {exc}") from None
-
-
-def _describe(err: dict) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key (allowed: literal | regex, ignore_case, whole_word (literal only), id)"
-    if err["type"] == "string_too_short":
-        return "must not be empty"
-    if "ctx" in err and isinstance(err["ctx"].get("error"), PatternError):
-        return str(err["ctx"]["error"])
-    return f"{err['msg']} (got {err.get('input')!r})"
+        return Policy(**data)
+    except SafeDecodeError as exc:
+        raise PolicyError(f"{source}: {exc}") from None
 
 
 class Violation(NamedTuple):
