@@ -7,7 +7,7 @@ kept in an in-process cache and on disk (``$SAFEDECODE_CACHE_DIR``, default
 
 A :class:`CompiledPolicy` is immutable (its arrays are read-only), so one instance is shared by
 every thread, request and processor. Adapters only use its small interface: ``start_state``,
-``next_state``, ``forbidden_ids`` and the packed ``blob``/``header`` for the numba kernels.
+``next_state``, ``forbidden_ids`` and the packed ``blob``/``headers`` for the numba kernels.
 """
 from __future__ import annotations
 
@@ -27,53 +27,57 @@ from typing import Optional
 import numpy as np
 
 from . import kernels
-from .compiler import DEFAULT_MAX_STATES, compile_policy_dfa
+from .compiler import DEFAULT_MAX_STATES, compile_components
 from .policy import Policy
 from .token_automaton import build_token_automaton
 from .trie import build_trie
 from .vocabulary import Vocabulary, vocabulary_from
 
 __version__ = "0.1.0"
-TABLE_FORMAT = 1  # bump when the packed layout changes: old cache files are then ignored
+TABLE_FORMAT = 2  # bump when the packed layout changes: old cache files are then ignored
 
 
 class CompiledPolicy:
     """A policy compiled against one vocabulary. Immutable and thread-safe.
 
-    Token states are ints: ``start_state`` (0) for an empty output, ``-1`` after a forbidden
-    token was appended anyway (fail closed).
+    The policy's automaton is the product of ``n_components`` component automata (most policies
+    have one). A state is a tuple with one int per component: ``start_state`` is all zeros (empty
+    output); a component at ``-1`` saw a forbidden token appended anyway (fail closed).
     """
 
-    start_state = 0
-
-    def __init__(self, policy: Policy, vocabulary: Vocabulary, blob: np.ndarray, header: np.ndarray, stats: dict):
+    def __init__(self, policy: Policy, vocabulary: Vocabulary, blob: np.ndarray, headers: np.ndarray, stats: dict):
         self.policy = policy
         self.vocabulary = vocabulary
         self.blob = blob
-        self.header = header
+        self.headers = headers
         self.stats = dict(stats)
         self.vocab_size = vocabulary.size
         self.eos_ids = tuple(sorted(vocabulary.eos_ids))
+        self.n_components = headers.shape[0]
+        self.start_state = (0,) * self.n_components
 
-    def next_state(self, state: int, token_id: int) -> int:
-        return int(kernels.next_state(self.blob, self.header, state, token_id))
+    def next_state(self, state: tuple, token_id: int) -> tuple:
+        return tuple(int(kernels.next_state(self.blob, self.headers[k], s, token_id)) for k, s in enumerate(state))
 
-    def walk(self, token_ids, state: int = 0) -> int:
-        """State after appending ``token_ids`` (stays -1 once a forbidden token was appended)."""
+    def walk(self, token_ids, state: Optional[tuple] = None) -> tuple:
+        """State after appending ``token_ids`` to ``state`` (default: the empty output)."""
+        state = self.start_state if state is None else state
         for token_id in token_ids:
             state = self.next_state(state, int(token_id))
         return state
 
-    def forbidden_ids(self, state: int, vocab_size: Optional[int] = None) -> np.ndarray:
+    def forbidden_ids(self, state: tuple, vocab_size: Optional[int] = None) -> np.ndarray:
         """Sorted ids the mask forbids in ``state`` (the same kernel the processor runs)."""
         row = np.zeros(vocab_size or self.vocab_size, dtype=np.int32)
-        kernels.mask_row(self.blob, self.header, state, row, np.int32(-1))
+        for k, s in enumerate(state):
+            kernels.mask_row(self.blob, self.headers[k], s, row, np.int32(-1))
         return np.flatnonzero(row == -1)
 
     def __repr__(self) -> str:
         s = self.stats
-        return (f"CompiledPolicy({len(self.policy.forbid)} rules, {s.get('token_states')} states, "
-                f"{s.get('exceptions')} exceptions, {s.get('table_bytes', 0) / 1e6:.2f} MB)")
+        return (f"CompiledPolicy({len(self.policy.forbid)} rules, {self.n_components} component(s), "
+                f"{s.get('token_states')} states, {s.get('exceptions')} exceptions, "
+                f"{s.get('table_bytes', 0) / 1e6:.2f} MB)")
 
 
 _memory_cache: "OrderedDict[str, CompiledPolicy]" = OrderedDict()
@@ -151,9 +155,14 @@ def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_S
 
 def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: bool) -> CompiledPolicy:
     t0 = time.perf_counter()
-    dfa = compile_policy_dfa(policy, max_states=max_states)
+    components = compile_components(policy, max_states=max_states)
     t1 = time.perf_counter()
     trie = build_trie(vocabulary.token_bytes)
+    id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
+    id_to_rank[trie.rank_to_id] = np.arange(len(trie.rank_to_id), dtype=np.int32)
+    for eos in vocabulary.eos_ids:  # EOS contributes no text and is never masked
+        id_to_rank[eos] = -1
+    shared = dict(id_to_rank=id_to_rank, eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -164,31 +173,30 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
             bar.total = total
             bar.n = done
             bar.refresh()
-    tables = build_token_automaton(dfa, trie, progress=report if bar else None)
+    all_tables = []
+    for dfa, _ in components:
+        tables = build_token_automaton(dfa, trie, progress=report if bar else None)
+        tables.update(shared, start_forb_lo=tables["start_forbidden"][:, 0], start_forb_hi=tables["start_forbidden"][:, 1])
+        all_tables.append(tables)
     if bar is not None:
         bar.close()
-    id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
-    id_to_rank[tables["rank_to_id"]] = np.arange(len(tables["rank_to_id"]), dtype=np.int32)
-    for eos in vocabulary.eos_ids:  # EOS contributes no text and is never masked
-        id_to_rank[eos] = -1
-    tables.update(id_to_rank=id_to_rank,
-                  start_forb_lo=tables["start_forbidden"][:, 0], start_forb_hi=tables["start_forbidden"][:, 1],
-                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
-    blob, header = kernels.pack_tables(tables)
+    blob, headers = kernels.pack_tables(all_tables)
     t2 = time.perf_counter()
     stats = {
         "rules": len(policy.forbid),
-        "dfa_states": int(dfa.n_states),
-        "token_states": int(len(tables["byte_state"])),
-        "exceptions": int(len(tables["exc_rank"])),
-        "forbidden_ranges": int(len(tables["forb_lo"]) + len(tables["start_forb_lo"])),
+        "components": len(components),
+        "component_rules": [members for _, members in components],
+        "dfa_states": int(sum(dfa.n_states for dfa, _ in components)),
+        "token_states": int(sum(len(t["byte_state"]) for t in all_tables)),
+        "exceptions": int(sum(len(t["exc_rank"]) for t in all_tables)),
+        "forbidden_ranges": int(sum(len(t["forb_lo"]) + len(t["start_forb_lo"]) for t in all_tables)),
         "vocab_size": int(vocabulary.size),
-        "table_bytes": int(blob.nbytes + header.nbytes),
+        "table_bytes": int(blob.nbytes + headers.nbytes),
         "dfa_seconds": round(t1 - t0, 4),
         "token_seconds": round(t2 - t1, 4),
         "compile_seconds": round(t2 - t0, 4),
     }
-    return CompiledPolicy(policy, vocabulary, blob, header, stats)
+    return CompiledPolicy(policy, vocabulary, blob, headers, stats)
 
 
 def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> Optional[CompiledPolicy]:
@@ -197,22 +205,22 @@ def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> 
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            blob, header = data["blob"], data["header"]
+            blob, headers = data["blob"], data["headers"]
             stats = json.loads(str(data["stats"]))
     except Exception as exc:  # a corrupt cache file is recompiled, never trusted
         warnings.warn(f"ignoring unreadable safedecode cache file {path}: {exc}", RuntimeWarning, stacklevel=3)
         return None
     blob.flags.writeable = False
-    header.flags.writeable = False
+    headers.flags.writeable = False
     stats["loaded_from_cache"] = True
-    return CompiledPolicy(policy, vocabulary, blob, header, stats)
+    return CompiledPolicy(policy, vocabulary, blob, headers, stats)
 
 
 def _store(directory: Path, key: str, compiled: CompiledPolicy) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-            np.savez(handle, blob=compiled.blob, header=compiled.header, stats=np.array(json.dumps(compiled.stats)))
+            np.savez(handle, blob=compiled.blob, headers=compiled.headers, stats=np.array(json.dumps(compiled.stats)))
         os.replace(handle.name, directory / f"{key}.npz")
     except OSError as exc:  # a read-only home must not break generation
         warnings.warn(f"could not write the safedecode cache in {directory}: {exc}", RuntimeWarning, stacklevel=3)

@@ -16,7 +16,8 @@ from .policy import Policy
 from .syntax import Alt, Chars, Node, Repeat, Seq, parse, uses_assertion
 from .utf8 import ByteDFA, to_bytes
 
-DEFAULT_MAX_STATES = 200_000
+DEFAULT_MAX_STATES = 200_000  # per rule (and per component)
+COMPONENT_STATES = 20_000  # target size of one component's union DFA
 
 
 def _char_specs(node: Node, out: list) -> None:
@@ -54,8 +55,81 @@ def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES) -> By
     return to_bytes(dfa, max_states=max_states)
 
 
+def _has_gap(node: Node, followed: bool = False) -> bool:
+    """True if an unbounded repeat is followed by more pattern (``a.*b``): such rules remember
+    "seen a" forever, so unions of several of them grow multiplicatively."""
+    if isinstance(node, Repeat):
+        return (node.max is None and followed) or _has_gap(node.item, followed or node.max is None)
+    if isinstance(node, Seq):
+        return any(_has_gap(item, followed or k < len(node.items) - 1) for k, item in enumerate(node.items))
+    if isinstance(node, Alt):
+        return any(_has_gap(item, followed) for item in node.items)
+    return False
+
+
+def _too_large(rule_id: str, max_states: int) -> AutomatonTooLargeError:
+    return AutomatonTooLargeError(
+        f"rule {rule_id}: its DFA exceeds the state limit of {max_states}; simplify the pattern "
+        f"(broad counted repeats such as .{{0,200}} blow up) or raise max_states")
+
+
+def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
+                       component_states: int = COMPONENT_STATES) -> list[tuple[ByteDFA, list[int]]]:
+    """Split the policy into components whose union DFAs stay small; return (DFA, rule indices) each.
+
+    The text contains a match of some rule iff some component's DFA says so, so running the
+    components side by side (a product automaton, built lazily by the kernel) is exact. Most
+    policies — phrase lists, secrets — are one component. Rules with "gaps" (``a.*b``) multiply
+    each other's states, so they are packed greedily under the bound ∏ |DFA_i| ≤ ``component_states``
+    (a union DFA never has more states than the product of its parts).
+    """
+    ids = policy.rule_ids()
+    nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
+    everything = list(range(len(nodes)))
+    gappy = [i for i in everything if _has_gap(nodes[i])]
+    if len(gappy) <= 2:
+        try:
+            return [(compile_nodes(nodes, min(max_states, max(component_states, 2 * COMPONENT_STATES))), everything)]
+        except AutomatonTooLargeError:
+            pass
+    components = _split_compile([i for i in everything if i not in gappy], nodes, ids, component_states, max_states)
+    alone = {}
+    for i in gappy:
+        try:
+            alone[i] = compile_nodes([nodes[i]], max_states)
+        except AutomatonTooLargeError:
+            raise _too_large(ids[i], max_states) from None
+    groups: list[tuple[int, list[int]]] = []  # (product bound, rule indices)
+    for i in sorted(gappy, key=lambda k: -alone[k].n_states):
+        size = alone[i].n_states
+        for g, (bound, members) in enumerate(groups):
+            if bound * size <= component_states:
+                groups[g] = (bound * size, members + [i])
+                break
+        else:
+            groups.append((size, [i]))
+    for _, members in groups:
+        dfa = alone[members[0]] if len(members) == 1 else compile_nodes([nodes[i] for i in members], max_states)
+        components.append((dfa, sorted(members)))
+    return components
+
+
+def _split_compile(indices, nodes, ids, limit, max_states) -> list[tuple[ByteDFA, list[int]]]:
+    """Compile ``indices`` as one component, halving the set until each part fits ``limit``."""
+    if not indices:
+        return []
+    try:
+        return [(compile_nodes([nodes[i] for i in indices], limit if len(indices) > 1 else max_states), indices)]
+    except AutomatonTooLargeError:
+        if len(indices) == 1:
+            raise _too_large(ids[indices[0]], max_states) from None
+    half = len(indices) // 2
+    return (_split_compile(indices[:half], nodes, ids, limit, max_states)
+            + _split_compile(indices[half:], nodes, ids, limit, max_states))
+
+
 def compile_policy_dfa(policy: Policy, max_states: int = DEFAULT_MAX_STATES) -> ByteDFA:
-    """The byte DFA of a whole policy; an over-limit policy is refused naming the culprit rule."""
+    """The single byte DFA of a whole policy (tests and verification); refused if over the limit."""
     ids = policy.rule_ids()
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
     try:
@@ -65,9 +139,7 @@ def compile_policy_dfa(policy: Policy, max_states: int = DEFAULT_MAX_STATES) -> 
             try:
                 compile_nodes([node], max_states)
             except AutomatonTooLargeError:
-                raise AutomatonTooLargeError(
-                    f"rule {rule_id}: its DFA exceeds the state limit of {max_states}; simplify the pattern "
-                    f"(broad counted repeats such as .{{0,200}} blow up) or raise max_states") from None
+                raise _too_large(rule_id, max_states) from None
         raise AutomatonTooLargeError(
             f"the combination of the policy's {len(nodes)} rules exceeds the state limit of {max_states} "
             f"DFA states (each rule alone fits); split the policy or raise max_states") from None

@@ -103,7 +103,7 @@ def generate(model, tokenizer, prompt_or_messages, policy, **generate_kwargs):
     results = []
     for row, sequence in enumerate(output[:, prompt_length:].tolist()):
         results.append(_result(sequence, vocabulary, kwargs["max_new_tokens"],
-                               guard_failed=row < len(states) and states[row] < 0))
+                               guard_failed=row < len(states) and min(states[row]) < 0))
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]
     return results if batched or num_return > 1 else results[0]

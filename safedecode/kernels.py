@@ -1,7 +1,7 @@
 """The hot loop: numba kernels that advance row states and mask forbidden token ids.
 
-All tables of a compiled policy are packed into one read-only int32 ``blob`` with a small int64
-header of segment bounds, so a kernel call passes a handful of arguments (numba's dispatch cost
+All tables of a compiled policy (one set per component automaton) are packed into one read-only
+int32 ``blob`` with a small int64 header row of segment bounds per component, so a kernel call passes a handful of arguments (numba's dispatch cost
 grows with the argument count). Logits are written through an integer view of the tensor's memory
 (``ninf`` is the bit pattern of -inf for its dtype), so float32, float16 and bfloat16 share one
 kernel and nothing is copied.
@@ -21,6 +21,8 @@ ID_TO_RANK, RANK_TO_ID, DEFAULT_DEST, EXC_PTR, EXC_RANK, EXC_DEST, FORB_PTR, FOR
 SEGMENTS = ("id_to_rank", "rank_to_id", "default_dest", "exc_ptr", "exc_rank", "exc_dest", "forb_ptr",
             "forb_lo", "forb_hi", "start_forb_lo", "start_forb_hi", "has_override", "eos_ids")
 
+SHARED_SEGMENTS = frozenset({"id_to_rank", "rank_to_id", "eos_ids"})
+
 VIOLATED = -1
 
 # Bit patterns of -inf, per logits dtype, read through a same-width integer view.
@@ -28,21 +30,31 @@ NEG_INF_BITS = {"float32": np.int32(-8388608), "float16": np.int16(-1024), "bflo
                 "float64": np.int64(-4503599627370496)}
 
 
-def pack_tables(tables: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the named int tables into (blob int32, header int64[2 * n_segments])."""
-    parts = [np.asarray(tables[name]).astype(np.int32).ravel() for name in SEGMENTS]
-    header = np.zeros(2 * len(parts), dtype=np.int64)
+def pack_tables(components: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate each component's named int tables into one blob.
+
+    Returns ``(blob int32, headers int64[n_components, 2 * n_segments])``; ``headers[k]`` holds the
+    [start, end) bounds of component ``k``'s segments, in :data:`SEGMENTS` order.
+    """
+    parts = []
+    headers = np.zeros((len(components), 2 * len(SEGMENTS)), dtype=np.int64)
     offset = 0
-    for k, part in enumerate(parts):
-        header[2 * k] = offset
-        offset += len(part)
-        header[2 * k + 1] = offset
+    for k, tables in enumerate(components):
+        for j, name in enumerate(SEGMENTS):
+            if k > 0 and name in SHARED_SEGMENTS:  # same trie and vocabulary: store once
+                headers[k, 2 * j:2 * j + 2] = headers[0, 2 * j:2 * j + 2]
+                continue
+            part = np.asarray(tables[name]).astype(np.int32).ravel()
+            headers[k, 2 * j] = offset
+            offset += len(part)
+            headers[k, 2 * j + 1] = offset
+            parts.append(part)
     if offset >= 2**31:
         raise OverflowError("compiled policy tables exceed 2**31 entries")
     blob = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
     blob.flags.writeable = False
-    header.flags.writeable = False
-    return blob, header
+    headers.flags.writeable = False
+    return blob, headers
 
 
 @numba.njit(inline="always")
@@ -165,16 +177,18 @@ def _same_prefix(a, b, n):
 
 
 @numba.njit(cache=True)
-def guard_step(blob, header, input_ids, history, meta, states, logits, ninf):
+def guard_step(blob, headers, input_ids, history, meta, states, logits, ninf):
     """One decoding step for a batch: recognise the rows, advance their states, mask their logits.
 
-    ``history[:meta[0], :meta[1]]`` holds the ids seen at the previous call and ``states`` their
-    states. A call whose rows each extend some previous row by exactly one token continues those
-    rows (beam search may permute them); anything else starts a new generation whose prompt is the
-    current ``input_ids``. ``meta = [rows, length, prompt_length]`` is updated in place.
-    Returns True if this call started a new generation.
+    ``headers[k]`` locates component ``k``'s tables in ``blob``; ``states[i, k]`` is row ``i``'s
+    state in component ``k`` (the policy's automaton is the product of its components).
+    ``history[:meta[0], :meta[1]]`` holds the ids seen at the previous call. A call whose rows each
+    extend some previous row by exactly one token continues those rows (beam search may permute
+    them); anything else starts a new generation whose prompt is the current ``input_ids``.
+    ``meta = [rows, length, prompt_length]`` is updated in place. Returns True on a new generation.
     """
     batch, length = input_ids.shape
+    n_components = headers.shape[0]
     prev_rows, prev_len = meta[0], meta[1]
     parents = np.empty(batch, np.int64)
     continuing = prev_rows == batch and length == prev_len + 1 and prev_len > 0
@@ -192,23 +206,26 @@ def guard_step(blob, header, input_ids, history, meta, states, logits, ninf):
                 continuing = False
                 break
     if continuing:
-        new_states = np.empty(batch, np.int32)
+        new_states = np.empty((batch, n_components), np.int32)
         for i in range(batch):
-            new_states[i] = next_state(blob, header, states[parents[i]], input_ids[i, length - 1])
+            token = input_ids[i, length - 1]
+            for k in range(n_components):
+                new_states[i, k] = next_state(blob, headers[k], states[parents[i], k], token)
         for i in range(batch):
-            states[i] = new_states[i]
+            states[i, :n_components] = new_states[i]
             if parents[i] == i:
                 history[i, length - 1] = input_ids[i, length - 1]
             else:
                 history[i, :length] = input_ids[i]
     else:
         for i in range(batch):
-            states[i] = 0
+            states[i, :n_components] = 0
             history[i, :length] = input_ids[i]
         meta[2] = length
     meta[0] = batch
     meta[1] = length
     for i in range(batch):
-        mask_row(blob, header, states[i], logits[i], ninf)
-        _restore_eos_if_stuck(blob, header, logits[i], ninf)
+        for k in range(n_components):
+            mask_row(blob, headers[k], states[i, k], logits[i], ninf)
+        _restore_eos_if_stuck(blob, headers[0], logits[i], ninf)
     return not continuing

@@ -86,6 +86,8 @@ def build_nfa(patterns: list[Node], classes_of_spec, max_nodes: int = 1_000_000)
         return entry
 
     entries = [compile_node(pattern, nfa.match) for pattern in patterns]
+    if not entries:  # an empty policy: a start node that can never consume anything
+        entries = [nfa.add(CHAR, nfa.match, arg=frozenset())]
     start = entries[-1]
     for other in reversed(entries[:-1]):
         start = nfa.add(SPLIT, other, start)

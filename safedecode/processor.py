@@ -51,12 +51,12 @@ class SafeLogitsProcessor(LogitsProcessor):
         """Forget all rows: the next call starts a new generation."""
         self._history = np.zeros((1, 64), dtype=np.int64)
         self._meta = np.zeros(3, dtype=np.int64)  # rows, length, prompt length of the previous call
-        self._states = np.zeros(1, dtype=np.int32)
+        self._states = np.zeros((1, self.compiled.n_components), dtype=np.int32)
 
     @property
-    def states(self) -> np.ndarray:
-        """Automaton state of each row after the last call (-1: a forbidden token got through)."""
-        return self._states[: self._meta[0]].copy()
+    def states(self) -> list[tuple]:
+        """Automaton state of each row after the last call (a -1 inside: a forbidden token got through)."""
+        return [tuple(int(s) for s in row) for row in self._states[: self._meta[0]]]
 
     @property
     def prompt_length(self) -> int:
@@ -69,7 +69,7 @@ class SafeLogitsProcessor(LogitsProcessor):
         history = np.zeros((max(rows, have_rows), max(length, 2 * have_cols)), dtype=np.int64)
         history[:have_rows, :have_cols] = self._history
         self._history = history
-        states = np.zeros(history.shape[0], dtype=np.int32)
+        states = np.zeros((history.shape[0], self.compiled.n_components), dtype=np.int32)
         states[: len(self._states)] = self._states
         self._states = states
 
@@ -86,11 +86,11 @@ class SafeLogitsProcessor(LogitsProcessor):
         view = _int_view(scores)
         if view is not None:
             bits, ninf = view
-            kernels.guard_step(c.blob, c.header, ids, self._history, self._meta, self._states, bits, ninf)
+            kernels.guard_step(c.blob, c.headers, ids, self._history, self._meta, self._states, bits, ninf)
             return scores
         # Other devices/dtypes: compute the mask on the host, apply it on the scores' device.
         mask = np.zeros((rows, scores.shape[-1]), dtype=np.int32)
-        kernels.guard_step(c.blob, c.header, ids, self._history, self._meta, self._states, mask, np.int32(-1))
+        kernels.guard_step(c.blob, c.headers, ids, self._history, self._meta, self._states, mask, np.int32(-1))
         scores = scores.masked_fill(torch.from_numpy(mask == -1).to(scores.device), float("-inf"))
         return _restore_eos_where_stuck(scores, c.eos_ids)
 

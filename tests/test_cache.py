@@ -29,8 +29,9 @@ def test_second_processor_recompiles_nothing(sentencepiece_tokenizer, cache_dir,
     third = compile_policy(POLICY, sentencepiece_tokenizer)  # a new process would load from disk
     assert third.stats.get("loaded_from_cache") is True
     assert np.array_equal(third.blob, first.compiled.blob)
-    for state in range(third.stats["token_states"]):
-        assert np.array_equal(third.forbidden_ids(state), first.compiled.forbidden_ids(state))
+    for text in ["", "cache", "cache m", "x1", "x12", "a cache me"]:
+        ids = sentencepiece_tokenizer.encode(text, add_special_tokens=False)
+        assert np.array_equal(third.forbidden_ids(third.walk(ids)), first.compiled.forbidden_ids(first.compiled.walk(ids)))
 
 
 def test_cache_key_separates_policy_and_vocabulary(sentencepiece_tokenizer, smollm2_tokenizer, cache_dir):

@@ -132,7 +132,7 @@ def test_bad_words_ids_leaks_through_another_tokenization_safedecode_does_not(sm
 def test_eos_is_restored_when_nothing_else_is_left(smollm2_tokenizer):
     tok = smollm2_tokenizer
     guard = SafeLogitsProcessor(Policy(forbid=[{"regex": r"[\s\S]"}]), tok)  # every character is forbidden
-    forbidden = set(guard.compiled.forbidden_ids(0, len(tok)).tolist())
+    forbidden = set(guard.compiled.forbidden_ids(guard.compiled.start_state, len(tok)).tolist())
     assert len(forbidden) > 40_000
     scores = torch.zeros((1, len(tok)))
     # Another processor (e.g. min_new_tokens) masked EOS and everything the policy would still allow

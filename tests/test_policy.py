@@ -3,7 +3,7 @@ import pytest
 import regex
 
 from safedecode import AutomatonTooLargeError, PatternError, Policy, PolicyError, find_violations, load_policy
-from safedecode.compiler import compile_policy_dfa
+from safedecode.compiler import compile_components, compile_policy_dfa
 
 
 def write(tmp_path, text, name="policy.toml"):
@@ -117,6 +117,14 @@ def test_state_limit_names_the_rule_never_hangs():
     with pytest.raises(AutomatonTooLargeError, match="rule blowup"):
         compile_policy_dfa(policy, max_states=2000)
     assert compile_policy_dfa(Policy(forbid=[{"regex": r"(a|b)*a(a|b){3}"}]), max_states=2000).n_states > 0
+
+
+def test_rules_whose_union_explodes_become_separate_components():
+    rules = [{"regex": rf"{c}[^\n]*{c}!"} for c in "abcdefghij"]  # each small, their union is not
+    components = compile_components(Policy(forbid=rules), component_states=300)
+    assert len(components) > 1
+    assert sorted(i for _, members in components for i in members) == list(range(len(rules)))
+    assert all(dfa.n_states <= 300 for dfa, _ in components)
 
 
 def test_state_limit_for_a_combination_of_rules():

@@ -92,8 +92,8 @@ def test_multibyte_character_split_across_tokens(family, request):
     vocab = _vocabulary_of(tokenizer)
     singles = byte_tokens(vocab)
     lead, tail = singles[0xC3], singles[0xA9]
-    assert lead not in compiled.forbidden_ids(0), "an incomplete character is not text yet"
-    after_lead = compiled.next_state(0, lead)
+    assert lead not in compiled.forbidden_ids(compiled.start_state), "an incomplete character is not text yet"
+    after_lead = compiled.next_state(compiled.start_state, lead)
     assert tail in compiled.forbidden_ids(after_lead), "completing 'é' across two tokens must be masked"
     assert assert_exact_along(compiled, policy, vocab, [singles[b] for b in "caf\u00e9".encode()])
 
@@ -111,7 +111,7 @@ def test_invalid_bytes_read_as_replacement_character(family, request):
         ids = [singles[ord("x")]] + [singles[b] for b in tail]
         assert_exact_along(compiled, policy, vocab, ids)
     # a lone continuation byte right after "x" is U+FFFD at once; a lone lead byte is not (yet)
-    state = compiled.next_state(0, singles[ord("x")])
+    state = compiled.next_state(compiled.start_state, singles[ord("x")])
     assert singles[0x80] in compiled.forbidden_ids(state)
     assert singles[0xE2] not in compiled.forbidden_ids(state)
 

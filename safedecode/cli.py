@@ -1,0 +1,165 @@
+"""The ``safedecode`` command line: generate, check, compile, demo, bench.
+
+Exit codes: 0 success; 1 ``check`` found a violation; 2 bad input (the message names the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .compiler import DEFAULT_MAX_STATES  # noqa: E402
+from .errors import SafeDecodeError  # noqa: E402
+from .policy import find_violations, load_policy  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GRAMMARS = REPO_ROOT / "grammars"
+
+
+def _tokenizer(name: str):
+    """``default`` (embedded SmolLM2), ``qwen2.5``, ``qwen3.6``, or a local HF tokenizer directory."""
+    if name == "default":
+        from .models import load_default_tokenizer
+
+        return load_default_tokenizer()
+    if name in ("qwen2.5", "qwen3.6"):
+        from .vocabulary import qwen_vocabulary
+
+        return qwen_vocabulary(name[len("qwen"):])
+    path = Path(name)
+    if not path.exists():
+        raise SafeDecodeError(f"--tokenizer {name!r}: not 'default', 'qwen2.5', 'qwen3.6' or an existing directory")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate
+    from .models import load_default_model
+
+    policy = load_policy(args.policy)
+    model, tokenizer = load_default_model()
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    result = generate(model, tokenizer, prompt, policy, max_new_tokens=args.max_new_tokens)
+    print(result.text)
+    return 0
+
+
+def cmd_check(args) -> int:
+    policy = load_policy(args.policy)
+    if args.path == "-":
+        name, text = "<stdin>", sys.stdin.read()
+    else:
+        path = Path(args.path)
+        if not path.is_file():
+            raise SafeDecodeError(f"check: {path}: no such file")
+        name, text = str(path), path.read_text(encoding="utf-8", errors="replace")
+    violations = find_violations(policy, text)
+    for v in violations:
+        line = text.count("\n", 0, v.start) + 1
+        column = v.start - (text.rfind("\n", 0, v.start) + 1) + 1
+        print(f"{name}:{line}:{column}: {v.rule_id}: {v.text!r}")
+    if violations:
+        print(f"{len(violations)} violation(s) of {args.policy}", file=sys.stderr)
+        return 1
+    print(f"{name}: no violations of {args.policy}", file=sys.stderr)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .compiled import compile_policy
+
+    policy = load_policy(args.policy)
+    tokenizer = _tokenizer(args.tokenizer)
+    start = time.perf_counter()
+    compiled = compile_policy(policy, tokenizer, max_states=args.max_states, cache_dir=not args.no_cache,
+                              progress=sys.stderr.isatty())
+    stats = dict(compiled.stats, wall_seconds=round(time.perf_counter() - start, 4), policy=str(args.policy),
+                 policy_hash=policy.digest(), vocabulary_hash=compiled.vocabulary.digest())
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(f"policy        {args.policy} ({stats['rules']} rules)")
+        print(f"vocabulary    {compiled.vocabulary.name or args.tokenizer} ({stats['vocab_size']} ids)")
+        print(f"DFA states    {stats['dfa_states']} (byte level)")
+        print(f"token states  {stats['token_states']} (reachable by whole tokens)")
+        print(f"exceptions    {stats['exceptions']}   forbidden ranges {stats['forbidden_ranges']}")
+        print(f"memory        {stats['table_bytes'] / 1e6:.2f} MB")
+        if stats.get("loaded_from_cache"):
+            print(f"time          {stats['wall_seconds']:.3f} s (loaded from the disk cache)")
+        else:
+            print(f"time          {stats['compile_seconds']:.3f} s (DFA {stats['dfa_seconds']:.3f} s, "
+                  f"tokens {stats['token_seconds']:.3f} s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(max_new_tokens=args.max_new_tokens, width=args.width)
+
+
+def cmd_bench(args) -> int:
+    script = REPO_ROOT / "benchmarks" / "overhead.py"
+    if not script.is_file():
+        raise SafeDecodeError(f"bench: {script} not found (run from a source checkout of safedecode)")
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safedecode", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate with the embedded SmolLM2 under a policy")
+    p.add_argument("--policy", required=True, type=Path)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--raw", action="store_true", help="send PROMPT as raw text, not as a chat message")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="report the policy's violations in a text (exit 1 if any)")
+    p.add_argument("--policy", required=True, type=Path)
+    p.add_argument("path", nargs="?", default="-", help="file to check, or - for standard input")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("compile", help="compile a policy and report states, exceptions, memory and time")
+    p.add_argument("--policy", required=True, type=Path)
+    p.add_argument("--tokenizer", default="default", help="default | qwen2.5 | qwen3.6 | HF tokenizer directory")
+    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES)
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not write the disk cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("demo", help="unguarded vs guarded answers of the embedded model, side by side")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--width", type=int, default=0, help="terminal width (default: detect)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run benchmarks/overhead.py (extra arguments are passed on)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SafeDecodeError as exc:
+        print(f"safedecode: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
