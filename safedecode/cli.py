@@ -92,7 +92,8 @@ def cmd_compile(args) -> int:
         print(f"vocabulary    {compiled.vocabulary.name or args.tokenizer} ({stats['vocab_size']} ids)")
         print(f"DFA states    {stats['dfa_states']} (byte level)")
         print(f"token states  {stats['token_states']} (reachable by whole tokens)")
-        print(f"exceptions    {stats['exceptions']}   forbidden ranges {stats['forbidden_ranges']}")
+        print(f"components    {stats['components']}   references {stats['references']}   "
+              f"forbidden ranges {stats['forbidden_ranges']}")
         print(f"memory        {stats['table_bytes'] / 1e6:.2f} MB")
         if stats.get("loaded_from_cache"):
             print(f"time          {stats['wall_seconds']:.3f} s (loaded from the disk cache)")

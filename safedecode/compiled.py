@@ -34,7 +34,7 @@ from .trie import build_trie
 from .vocabulary import Vocabulary, vocabulary_from
 
 __version__ = "0.1.0"
-TABLE_FORMAT = 2  # bump when the packed layout changes: old cache files are then ignored
+TABLE_FORMAT = 4  # bump when the packed layout changes: old cache files are then ignored
 
 
 class CompiledPolicy:
@@ -50,6 +50,7 @@ class CompiledPolicy:
         self.vocabulary = vocabulary
         self.blob = blob
         self.headers = headers
+        self.token_bytes = _token_bytes(vocabulary)
         self.stats = dict(stats)
         self.vocab_size = vocabulary.size
         self.eos_ids = tuple(sorted(vocabulary.eos_ids))
@@ -57,7 +58,8 @@ class CompiledPolicy:
         self.start_state = (0,) * self.n_components
 
     def next_state(self, state: tuple, token_id: int) -> tuple:
-        return tuple(int(kernels.next_state(self.blob, self.headers[k], s, token_id)) for k, s in enumerate(state))
+        return tuple(int(kernels.next_state(self.blob, self.headers[k], self.token_bytes, s, token_id))
+                     for k, s in enumerate(state))
 
     def walk(self, token_ids, state: Optional[tuple] = None) -> tuple:
         """State after appending ``token_ids`` to ``state`` (default: the empty output)."""
@@ -76,8 +78,15 @@ class CompiledPolicy:
     def __repr__(self) -> str:
         s = self.stats
         return (f"CompiledPolicy({len(self.policy.forbid)} rules, {self.n_components} component(s), "
-                f"{s.get('token_states')} states, {s.get('exceptions')} exceptions, "
+                f"{s.get('token_states')} states, {s.get('forbidden_ranges')} forbidden ranges, "
                 f"{s.get('table_bytes', 0) / 1e6:.2f} MB)")
+
+
+def _token_bytes(vocabulary: Vocabulary) -> np.ndarray:
+    """All token bytes concatenated in id order (the kernel walks the sampled token's slice)."""
+    data = np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8)
+    data.flags.writeable = False
+    return data
 
 
 _memory_cache: "OrderedDict[str, CompiledPolicy]" = OrderedDict()
@@ -162,7 +171,10 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     id_to_rank[trie.rank_to_id] = np.arange(len(trie.rank_to_id), dtype=np.int32)
     for eos in vocabulary.eos_ids:  # EOS contributes no text and is never masked
         id_to_rank[eos] = -1
-    shared = dict(id_to_rank=id_to_rank, eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
+    token_offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
+    np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=token_offsets[1:])
+    shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets,
+                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -176,7 +188,9 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     all_tables = []
     for dfa, _ in components:
         tables = build_token_automaton(dfa, trie, progress=report if bar else None)
-        tables.update(shared, start_forb_lo=tables["start_forbidden"][:, 0], start_forb_hi=tables["start_forbidden"][:, 1])
+        columns, byte_class = np.unique(dfa.trans, axis=1, return_inverse=True)  # byte classes
+        tables.update(shared, byte_class=byte_class.reshape(-1), trans=columns, n_classes=[columns.shape[1]],
+                      end_accept=dfa.end_accept)
         all_tables.append(tables)
     if bar is not None:
         bar.close()
@@ -188,8 +202,9 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "component_rules": [members for _, members in components],
         "dfa_states": int(sum(dfa.n_states for dfa, _ in components)),
         "token_states": int(sum(len(t["byte_state"]) for t in all_tables)),
-        "exceptions": int(sum(len(t["exc_rank"]) for t in all_tables)),
-        "forbidden_ranges": int(sum(len(t["forb_lo"]) + len(t["start_forb_lo"]) for t in all_tables)),
+        "overrides": int(sum(len(t["override"]) for t in all_tables)),
+        "forbidden_ranges": int(sum(len(t["forb_lo"]) + len(t["ref_forb_lo"]) for t in all_tables)),
+        "references": int(sum(int(t["n_references"][0]) for t in all_tables)),
         "vocab_size": int(vocabulary.size),
         "table_bytes": int(blob.nbytes + headers.nbytes),
         "dfa_seconds": round(t1 - t0, 4),

@@ -16,12 +16,13 @@ import numba
 import numpy as np
 
 # Segment numbers inside the blob (see pack_tables).
-ID_TO_RANK, RANK_TO_ID, DEFAULT_DEST, EXC_PTR, EXC_RANK, EXC_DEST, FORB_PTR, FORB_LO, FORB_HI, \
-    START_FORB_LO, START_FORB_HI, HAS_OVERRIDE, EOS_IDS = range(13)
-SEGMENTS = ("id_to_rank", "rank_to_id", "default_dest", "exc_ptr", "exc_rank", "exc_dest", "forb_ptr",
-            "forb_lo", "forb_hi", "start_forb_lo", "start_forb_hi", "has_override", "eos_ids")
-
-SHARED_SEGMENTS = frozenset({"id_to_rank", "rank_to_id", "eos_ids"})
+(ID_TO_RANK, RANK_TO_ID, TOKEN_OFFSETS, EOS_IDS,  # shared by all components
+ BYTE_CLASS, TRANS, END_ACCEPT, COMPACT, BYTE_STATE, STATE_REF, REF_FORB_PTR, REF_FORB_LO, REF_FORB_HI,
+ FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES) = range(19)
+SEGMENTS = ("id_to_rank", "rank_to_id", "token_offsets", "eos_ids",
+            "byte_class", "trans", "end_accept", "compact", "byte_state", "state_ref", "ref_forb_ptr",
+            "ref_forb_lo", "ref_forb_hi", "forb_ptr", "forb_lo", "forb_hi", "override_ptr", "override", "n_classes")
+SHARED_SEGMENTS = frozenset(SEGMENTS[:4])
 
 VIOLATED = -1
 
@@ -78,37 +79,28 @@ def _find(sorted_values, lo, hi, value):
 
 
 @numba.njit(cache=True)
-def _in_ranges(los, his, lo, hi, value):
-    """Whether ``value`` lies in one of the sorted disjoint ranges ``[los[k], his[k])``, k in lo..hi."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if his[mid] <= value:
-            lo = mid + 1
-        elif los[mid] > value:
-            hi = mid
-        else:
-            return True
-    return False
+def next_state(blob, header, token_bytes, state, token):
+    """The state after ``token``: its bytes walked through the byte DFA.
 
-
-@numba.njit(cache=True)
-def next_state(blob, header, state, token):
-    """The state after ``token``; tokens without text leave it unchanged; VIOLATED is absorbing."""
+    Tokens without text leave the state unchanged; a token that reaches MATCH or ends where the
+    text matches gives VIOLATED, which is absorbing.
+    """
     id_to_rank = _seg(blob, header, ID_TO_RANK)
-    if state < 0 or token < 0 or token >= len(id_to_rank):
+    if state < 0 or token < 0 or token >= len(id_to_rank) or id_to_rank[token] < 0:
         return state
-    r = id_to_rank[token]
-    if r < 0:
-        return state
-    forb_ptr = _seg(blob, header, FORB_PTR)
-    if _in_ranges(_seg(blob, header, FORB_LO), _seg(blob, header, FORB_HI), forb_ptr[state], forb_ptr[state + 1], r):
+    offsets = _seg(blob, header, TOKEN_OFFSETS)
+    byte_class = _seg(blob, header, BYTE_CLASS)
+    trans = _seg(blob, header, TRANS)
+    n_classes = _seg(blob, header, N_CLASSES)[0]
+    s = _seg(blob, header, BYTE_STATE)[state]
+    for j in range(offsets[token], offsets[token + 1]):
+        s = trans[s * n_classes + byte_class[token_bytes[j]]]
+        if s == 0:
+            return VIOLATED
+    if _seg(blob, header, END_ACCEPT)[s] != 0:
         return VIOLATED
-    exc_ptr = _seg(blob, header, EXC_PTR)
-    k = _find(_seg(blob, header, EXC_RANK), exc_ptr[state], exc_ptr[state + 1], r)
-    if k >= 0:
-        return _seg(blob, header, EXC_DEST)[k]
-    dest = _seg(blob, header, DEFAULT_DEST)[r]
-    return dest if dest >= 0 else VIOLATED
+    t = _seg(blob, header, COMPACT)[s]
+    return t if t >= 0 else VIOLATED
 
 
 @numba.njit(cache=True)
@@ -126,15 +118,17 @@ def mask_row(blob, header, state, row, ninf):
             if eos[k] < vocab:
                 row[eos[k]] = saved[k]
         return
-    exc_ptr = _seg(blob, header, EXC_PTR)
-    exc_rank = _seg(blob, header, EXC_RANK)
-    override = _seg(blob, header, HAS_OVERRIDE)[state] != 0
-    lo_s = _seg(blob, header, START_FORB_LO)
-    hi_s = _seg(blob, header, START_FORB_HI)
-    for k in range(len(lo_s)):
+    override_ptr = _seg(blob, header, OVERRIDE_PTR)
+    override = _seg(blob, header, OVERRIDE)
+    o_lo, o_hi = override_ptr[state], override_ptr[state + 1]
+    ref = _seg(blob, header, STATE_REF)[state]
+    ref_ptr = _seg(blob, header, REF_FORB_PTR)
+    lo_s = _seg(blob, header, REF_FORB_LO)
+    hi_s = _seg(blob, header, REF_FORB_HI)
+    for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
         for r in range(lo_s[k], hi_s[k]):
-            if override and _find(exc_rank, exc_ptr[state], exc_ptr[state + 1], r) >= 0:
-                continue
+            if o_hi > o_lo and _find(override, o_lo, o_hi, r) >= 0:
+                continue  # the reference forbids r, this state allows it
             token = rank_to_id[r]
             if token < vocab:
                 row[token] = ninf
@@ -177,7 +171,7 @@ def _same_prefix(a, b, n):
 
 
 @numba.njit(cache=True)
-def guard_step(blob, headers, input_ids, history, meta, states, logits, ninf):
+def guard_step(blob, headers, token_bytes, input_ids, history, meta, states, logits, ninf):
     """One decoding step for a batch: recognise the rows, advance their states, mask their logits.
 
     ``headers[k]`` locates component ``k``'s tables in ``blob``; ``states[i, k]`` is row ``i``'s
@@ -210,7 +204,7 @@ def guard_step(blob, headers, input_ids, history, meta, states, logits, ninf):
         for i in range(batch):
             token = input_ids[i, length - 1]
             for k in range(n_components):
-                new_states[i, k] = next_state(blob, headers[k], states[parents[i], k], token)
+                new_states[i, k] = next_state(blob, headers[k], token_bytes, states[parents[i], k], token)
         for i in range(batch):
             states[i, :n_components] = new_states[i]
             if parents[i] == i:

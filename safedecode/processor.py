@@ -86,11 +86,11 @@ class SafeLogitsProcessor(LogitsProcessor):
         view = _int_view(scores)
         if view is not None:
             bits, ninf = view
-            kernels.guard_step(c.blob, c.headers, ids, self._history, self._meta, self._states, bits, ninf)
+            kernels.guard_step(c.blob, c.headers, c.token_bytes, ids, self._history, self._meta, self._states, bits, ninf)
             return scores
         # Other devices/dtypes: compute the mask on the host, apply it on the scores' device.
         mask = np.zeros((rows, scores.shape[-1]), dtype=np.int32)
-        kernels.guard_step(c.blob, c.headers, ids, self._history, self._meta, self._states, mask, np.int32(-1))
+        kernels.guard_step(c.blob, c.headers, c.token_bytes, ids, self._history, self._meta, self._states, mask, np.int32(-1))
         scores = scores.masked_fill(torch.from_numpy(mask == -1).to(scores.device), float("-inf"))
         return _restore_eos_where_stuck(scores, c.eos_ids)
 
