@@ -25,10 +25,10 @@ demo: env
 	$(VENV)/bin/safedecode demo
 
 test: env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: env
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache
