@@ -7,7 +7,7 @@ kept in an in-process cache and on disk (``$SAFEDECODE_CACHE_DIR``, default
 
 A :class:`CompiledPolicy` is immutable (its arrays are read-only), so one instance is shared by
 every thread, request and processor. Adapters only use its small interface: ``start_state``,
-``next_state``, ``forbidden_ids`` and the packed ``blob``/``headers`` for the numba kernels.
+``next_state``, ``forbidden_ids`` and the packed ``blob`` for the numba kernels.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from .trie import build_trie
 from .vocabulary import Vocabulary, vocabulary_from
 
 __version__ = "0.1.0"
-TABLE_FORMAT = 4  # bump when the packed layout changes: old cache files are then ignored
+TABLE_FORMAT = 5  # bump when the packed layout changes: old cache files are then ignored
 
 
 class CompiledPolicy:
@@ -45,21 +45,18 @@ class CompiledPolicy:
     output); a component at ``-1`` saw a forbidden token appended anyway (fail closed).
     """
 
-    def __init__(self, policy: Policy, vocabulary: Vocabulary, blob: np.ndarray, headers: np.ndarray, stats: dict):
+    def __init__(self, policy: Policy, vocabulary: Vocabulary, blob: np.ndarray, stats: dict):
         self.policy = policy
         self.vocabulary = vocabulary
         self.blob = blob
-        self.headers = headers
-        self.token_bytes = _token_bytes(vocabulary)
         self.stats = dict(stats)
         self.vocab_size = vocabulary.size
         self.eos_ids = tuple(sorted(vocabulary.eos_ids))
-        self.n_components = headers.shape[0]
+        self.n_components = kernels.n_components(blob)
         self.start_state = (0,) * self.n_components
 
     def next_state(self, state: tuple, token_id: int) -> tuple:
-        return tuple(int(kernels.next_state(self.blob, self.headers[k], self.token_bytes, s, token_id))
-                     for k, s in enumerate(state))
+        return tuple(int(kernels.next_state(self.blob, k, s, token_id)) for k, s in enumerate(state))
 
     def walk(self, token_ids, state: Optional[tuple] = None) -> tuple:
         """State after appending ``token_ids`` to ``state`` (default: the empty output)."""
@@ -72,7 +69,7 @@ class CompiledPolicy:
         """Sorted ids the mask forbids in ``state`` (the same kernel the processor runs)."""
         row = np.zeros(vocab_size or self.vocab_size, dtype=np.int32)
         for k, s in enumerate(state):
-            kernels.mask_row(self.blob, self.headers[k], s, row, np.int32(-1))
+            kernels.mask_row(self.blob, k, s, row, np.int32(-1))
         return np.flatnonzero(row == -1)
 
     def __repr__(self) -> str:
@@ -80,13 +77,6 @@ class CompiledPolicy:
         return (f"CompiledPolicy({len(self.policy.forbid)} rules, {self.n_components} component(s), "
                 f"{s.get('token_states')} states, {s.get('forbidden_ranges')} forbidden ranges, "
                 f"{s.get('table_bytes', 0) / 1e6:.2f} MB)")
-
-
-def _token_bytes(vocabulary: Vocabulary) -> np.ndarray:
-    """All token bytes concatenated in id order (the kernel walks the sampled token's slice)."""
-    data = np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8)
-    data.flags.writeable = False
-    return data
 
 
 _memory_cache: "OrderedDict[str, CompiledPolicy]" = OrderedDict()
@@ -173,7 +163,8 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         id_to_rank[eos] = -1
     token_offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
     np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=token_offsets[1:])
-    shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets,
+    token_bytes = np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8)
+    shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
                   eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
     bar = None
     if progress:
@@ -194,7 +185,7 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         all_tables.append(tables)
     if bar is not None:
         bar.close()
-    blob, headers = kernels.pack_tables(all_tables)
+    blob = kernels.pack_tables(all_tables)
     t2 = time.perf_counter()
     stats = {
         "rules": len(policy.forbid),
@@ -206,12 +197,12 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "forbidden_ranges": int(sum(len(t["forb_lo"]) + len(t["ref_forb_lo"]) for t in all_tables)),
         "references": int(sum(int(t["n_references"][0]) for t in all_tables)),
         "vocab_size": int(vocabulary.size),
-        "table_bytes": int(blob.nbytes + headers.nbytes),
+        "table_bytes": int(blob.nbytes),
         "dfa_seconds": round(t1 - t0, 4),
         "token_seconds": round(t2 - t1, 4),
         "compile_seconds": round(t2 - t0, 4),
     }
-    return CompiledPolicy(policy, vocabulary, blob, headers, stats)
+    return CompiledPolicy(policy, vocabulary, blob, stats)
 
 
 def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> Optional[CompiledPolicy]:
@@ -220,22 +211,21 @@ def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> 
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            blob, headers = data["blob"], data["headers"]
+            blob = data["blob"]
             stats = json.loads(str(data["stats"]))
     except Exception as exc:  # a corrupt cache file is recompiled, never trusted
         warnings.warn(f"ignoring unreadable safedecode cache file {path}: {exc}", RuntimeWarning, stacklevel=3)
         return None
     blob.flags.writeable = False
-    headers.flags.writeable = False
     stats["loaded_from_cache"] = True
-    return CompiledPolicy(policy, vocabulary, blob, headers, stats)
+    return CompiledPolicy(policy, vocabulary, blob, stats)
 
 
 def _store(directory: Path, key: str, compiled: CompiledPolicy) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-            np.savez(handle, blob=compiled.blob, headers=compiled.headers, stats=np.array(json.dumps(compiled.stats)))
+            np.savez(handle, blob=compiled.blob, stats=np.array(json.dumps(compiled.stats)))
         os.replace(handle.name, directory / f"{key}.npz")
     except OSError as exc:  # a read-only home must not break generation
         warnings.warn(f"could not write the safedecode cache in {directory}: {exc}", RuntimeWarning, stacklevel=3)

@@ -86,6 +86,7 @@ class _Determinizer:
         self.rows: list[np.ndarray] = []
         self.node_classes: dict[tuple, tuple] = {}
         self.seed_closures: dict[tuple, tuple] = {}
+        self.tails = self._tail_chains()
 
     # -- epsilon closure under a known look-behind and look-ahead ------------------------------
     def closure(self, seeds, prev: int, la: int):
@@ -184,7 +185,48 @@ class _Determinizer:
         return classes
 
     # -- states ---------------------------------------------------------------------------------
+    def _tail_chains(self) -> dict[int, tuple[int, int]]:
+        """For CHAR nodes followed only by CHAR nodes of the same class set up to MATCH (``x{35}``,
+        the end of ``sk-[A-Za-z0-9]{20,}``): node → (chain id, characters still needed)."""
+        nfa = self.nfa
+        tails: dict[int, tuple[int, int]] = {}
+        chain_ids: dict[frozenset, int] = {}
+        for node, kind in enumerate(nfa.kind):
+            if kind != CHAR:
+                continue
+            classes, needed, cur = nfa.arg[node], 0, node
+            while nfa.kind[cur] == CHAR and nfa.arg[cur] == classes:
+                needed += 1
+                cur = nfa.out1[cur]
+            while nfa.kind[cur] == EPS:
+                cur = nfa.out1[cur]
+            reaches_match = nfa.kind[cur] == MATCH or (
+                nfa.kind[cur] == SPLIT and MATCH in (nfa.kind[nfa.out1[cur]], nfa.kind[nfa.out2[cur]]))
+            if reaches_match:
+                tails[node] = (chain_ids.setdefault(classes, len(chain_ids)), needed)
+        return tails
+
+    def prune(self, seeds: frozenset) -> frozenset:
+        """Drop threads another thread dominates, so counted runs don't blow up exponentially.
+
+        Two free threads that both need only ``k`` and ``j ≤ k`` more characters of the same class
+        set before MATCH: whenever the first reaches MATCH the second has already, so the first
+        changes neither whether nor when a match happens. (``Σ*AIza[0-9A-Za-z_-]{35}`` otherwise
+        tracks every overlapping start: 2^35 subsets.)
+        """
+        best: dict[int, int] = {}
+        for thread in seeds:
+            node, ob = divmod(thread, 3)
+            tail = self.tails.get(node) if ob == FREE else None
+            if tail is not None and (tail[0] not in best or tail[1] < self.tails[best[tail[0]] // 3][1]):
+                best[tail[0]] = thread
+        if not best:
+            return seeds
+        keep = set(best.values())
+        return frozenset(t for t in seeds if t in keep or (t % 3) != FREE or t // 3 not in self.tails)
+
     def intern(self, seeds: frozenset, prev: int) -> int:
+        seeds = self.prune(seeds)
         key = (seeds, prev)
         state = self.states.get(key)
         if state is None:

@@ -1,8 +1,10 @@
 """The hot loop: numba kernels that advance row states and mask forbidden token ids.
 
-All tables of a compiled policy (one set per component automaton) are packed into one read-only
-int32 ``blob`` with a small int64 header row of segment bounds per component, so a kernel call passes a handful of arguments (numba's dispatch cost
-grows with the argument count). Logits are written through an integer view of the tensor's memory
+All tables of a compiled policy (one set per component automaton, plus the vocabulary's token
+bytes) are packed into one read-only, self-describing int32 ``blob``: ``blob[0]`` is the number of
+components, ``blob[1]`` the header width, then one header row per component holding the
+[start, end) bounds of its segments. A kernel call therefore passes a handful of arguments
+(numba's dispatch costs ~0.3 µs per argument, a large share of a 5 µs budget). Logits are written through an integer view of the tensor's memory
 (``ninf`` is the bit pattern of -inf for its dtype), so float32, float16 and bfloat16 share one
 kernel and nothing is copied.
 
@@ -16,13 +18,14 @@ import numba
 import numpy as np
 
 # Segment numbers inside the blob (see pack_tables).
-(ID_TO_RANK, RANK_TO_ID, TOKEN_OFFSETS, EOS_IDS,  # shared by all components
+(ID_TO_RANK, RANK_TO_ID, TOKEN_OFFSETS, TOKEN_BYTES, EOS_IDS,  # shared by all components
  BYTE_CLASS, TRANS, END_ACCEPT, COMPACT, BYTE_STATE, STATE_REF, REF_FORB_PTR, REF_FORB_LO, REF_FORB_HI,
- FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES) = range(19)
-SEGMENTS = ("id_to_rank", "rank_to_id", "token_offsets", "eos_ids",
+ FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES) = range(20)
+SEGMENTS = ("id_to_rank", "rank_to_id", "token_offsets", "token_bytes", "eos_ids",
             "byte_class", "trans", "end_accept", "compact", "byte_state", "state_ref", "ref_forb_ptr",
             "ref_forb_lo", "ref_forb_hi", "forb_ptr", "forb_lo", "forb_hi", "override_ptr", "override", "n_classes")
-SHARED_SEGMENTS = frozenset(SEGMENTS[:4])
+SHARED_SEGMENTS = frozenset(SEGMENTS[:5])
+HEADER_START = 2
 
 VIOLATED = -1
 
@@ -31,15 +34,12 @@ NEG_INF_BITS = {"float32": np.int32(-8388608), "float16": np.int16(-1024), "bflo
                 "float64": np.int64(-4503599627370496)}
 
 
-def pack_tables(components: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate each component's named int tables into one blob.
-
-    Returns ``(blob int32, headers int64[n_components, 2 * n_segments])``; ``headers[k]`` holds the
-    [start, end) bounds of component ``k``'s segments, in :data:`SEGMENTS` order.
-    """
+def pack_tables(components: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Concatenate each component's named int tables into one self-describing int32 blob."""
+    width = 2 * len(SEGMENTS)
+    headers = np.zeros((len(components), width), dtype=np.int64)
     parts = []
-    headers = np.zeros((len(components), 2 * len(SEGMENTS)), dtype=np.int64)
-    offset = 0
+    offset = HEADER_START + headers.size
     for k, tables in enumerate(components):
         for j, name in enumerate(SEGMENTS):
             if k > 0 and name in SHARED_SEGMENTS:  # same trie and vocabulary: store once
@@ -52,10 +52,20 @@ def pack_tables(components: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np
             parts.append(part)
     if offset >= 2**31:
         raise OverflowError("compiled policy tables exceed 2**31 entries")
-    blob = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+    blob = np.concatenate([np.array([len(components), width], np.int32), headers.ravel().astype(np.int32)] + parts)
     blob.flags.writeable = False
-    headers.flags.writeable = False
-    return blob, headers
+    return blob
+
+
+def n_components(blob: np.ndarray) -> int:
+    return int(blob[0])
+
+
+@numba.njit(inline="always")
+def _header(blob, k):
+    width = blob[1]
+    start = HEADER_START + k * width
+    return blob[start:start + width]
 
 
 @numba.njit(inline="always")
@@ -79,16 +89,18 @@ def _find(sorted_values, lo, hi, value):
 
 
 @numba.njit(cache=True)
-def next_state(blob, header, token_bytes, state, token):
-    """The state after ``token``: its bytes walked through the byte DFA.
+def next_state(blob, component, state, token):
+    """The state of ``component`` after ``token``: its bytes walked through the byte DFA.
 
     Tokens without text leave the state unchanged; a token that reaches MATCH or ends where the
     text matches gives VIOLATED, which is absorbing.
     """
+    header = _header(blob, component)
     id_to_rank = _seg(blob, header, ID_TO_RANK)
     if state < 0 or token < 0 or token >= len(id_to_rank) or id_to_rank[token] < 0:
         return state
     offsets = _seg(blob, header, TOKEN_OFFSETS)
+    token_bytes = _seg(blob, header, TOKEN_BYTES)
     byte_class = _seg(blob, header, BYTE_CLASS)
     trans = _seg(blob, header, TRANS)
     n_classes = _seg(blob, header, N_CLASSES)[0]
@@ -104,8 +116,9 @@ def next_state(blob, header, token_bytes, state, token):
 
 
 @numba.njit(cache=True)
-def mask_row(blob, header, state, row, ninf):
-    """Write ``ninf`` into every id forbidden from ``state`` (all non-EOS ids if VIOLATED)."""
+def mask_row(blob, component, state, row, ninf):
+    """Write ``ninf`` into every id ``component`` forbids from ``state`` (all non-EOS ids if VIOLATED)."""
+    header = _header(blob, component)
     rank_to_id = _seg(blob, header, RANK_TO_ID)
     vocab = len(row)
     if state < 0:
@@ -143,9 +156,9 @@ def mask_row(blob, header, state, row, ninf):
 
 
 @numba.njit(cache=True)
-def _restore_eos_if_stuck(blob, header, row, ninf):
+def _restore_eos_if_stuck(blob, row, ninf):
     """DESIGN §1 "never stuck": if EOS is masked (by someone) and nothing else is left, unmask EOS."""
-    eos = _seg(blob, header, EOS_IDS)
+    eos = _seg(blob, _header(blob, 0), EOS_IDS)
     vocab = len(row)
     first = -1
     for k in range(len(eos)):
@@ -171,19 +184,19 @@ def _same_prefix(a, b, n):
 
 
 @numba.njit(cache=True)
-def guard_step(blob, headers, token_bytes, input_ids, history, meta, states, logits, ninf):
+def guard_step(blob, input_ids, history, tracker, logits, ninf):
     """One decoding step for a batch: recognise the rows, advance their states, mask their logits.
 
-    ``headers[k]`` locates component ``k``'s tables in ``blob``; ``states[i, k]`` is row ``i``'s
-    state in component ``k`` (the policy's automaton is the product of its components).
-    ``history[:meta[0], :meta[1]]`` holds the ids seen at the previous call. A call whose rows each
-    extend some previous row by exactly one token continues those rows (beam search may permute
-    them); anything else starts a new generation whose prompt is the current ``input_ids``.
-    ``meta = [rows, length, prompt_length]`` is updated in place. Returns True on a new generation.
+    ``tracker[0] = [rows, length, prompt_length]`` of the previous call and ``tracker[1 + i, k]``
+    is row ``i``'s state in component ``k`` (the policy's automaton is the product of its
+    components); ``history[:rows, :length]`` holds the ids seen at the previous call. A call whose
+    rows each extend some previous row by exactly one token continues those rows (beam search may
+    permute them); anything else starts a new generation whose prompt is the current
+    ``input_ids``. Both arrays are updated in place. Returns True on a new generation.
     """
     batch, length = input_ids.shape
-    n_components = headers.shape[0]
-    prev_rows, prev_len = meta[0], meta[1]
+    n_comp = blob[0]
+    prev_rows, prev_len = tracker[0, 0], tracker[0, 1]
     parents = np.empty(batch, np.int64)
     continuing = prev_rows == batch and length == prev_len + 1 and prev_len > 0
     if continuing:
@@ -200,26 +213,26 @@ def guard_step(blob, headers, token_bytes, input_ids, history, meta, states, log
                 continuing = False
                 break
     if continuing:
-        new_states = np.empty((batch, n_components), np.int32)
+        new_states = np.empty((batch, n_comp), np.int32)
         for i in range(batch):
             token = input_ids[i, length - 1]
-            for k in range(n_components):
-                new_states[i, k] = next_state(blob, headers[k], token_bytes, states[parents[i], k], token)
+            for k in range(n_comp):
+                new_states[i, k] = next_state(blob, k, tracker[1 + parents[i], k], token)
         for i in range(batch):
-            states[i, :n_components] = new_states[i]
+            tracker[1 + i, :n_comp] = new_states[i]
             if parents[i] == i:
                 history[i, length - 1] = input_ids[i, length - 1]
             else:
                 history[i, :length] = input_ids[i]
     else:
         for i in range(batch):
-            states[i, :n_components] = 0
+            tracker[1 + i, :n_comp] = 0
             history[i, :length] = input_ids[i]
-        meta[2] = length
-    meta[0] = batch
-    meta[1] = length
+        tracker[0, 2] = length
+    tracker[0, 0] = batch
+    tracker[0, 1] = length
     for i in range(batch):
-        for k in range(n_components):
-            mask_row(blob, headers[k], states[i, k], logits[i], ninf)
-        _restore_eos_if_stuck(blob, headers[0], logits[i], ninf)
+        for k in range(n_comp):
+            mask_row(blob, k, tracker[1 + i, k], logits[i], ninf)
+        _restore_eos_if_stuck(blob, logits[i], ninf)
     return not continuing

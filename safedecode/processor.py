@@ -25,6 +25,7 @@ from . import kernels
 from .compiled import CompiledPolicy, compile_policy
 from .policy import Policy
 
+_NEG_INF32 = np.float32("-inf")
 _INT_VIEW = {torch.float32: (torch.int32, "float32"), torch.float16: (torch.int16, "float16"),
              torch.bfloat16: (torch.int16, "bfloat16"), torch.float64: (torch.int64, "float64")}
 
@@ -45,54 +46,58 @@ class SafeLogitsProcessor(LogitsProcessor):
             if tokenizer is None:
                 raise TypeError("SafeLogitsProcessor(policy, tokenizer): a tokenizer is required to compile a policy")
             self.compiled = compile_policy(policy, tokenizer, **compile_options)
+        self._blob = self.compiled.blob
         self.reset()
 
     def reset(self) -> None:
         """Forget all rows: the next call starts a new generation."""
         self._history = np.zeros((1, 64), dtype=np.int64)
-        self._meta = np.zeros(3, dtype=np.int64)  # rows, length, prompt length of the previous call
-        self._states = np.zeros((1, self.compiled.n_components), dtype=np.int32)
+        # Row 0: rows, length and prompt length of the previous call; row 1 + i: row i's states.
+        self._tracker = np.zeros((2, max(3, self.compiled.n_components)), dtype=np.int32)
 
     @property
     def states(self) -> list[tuple]:
         """Automaton state of each row after the last call (a -1 inside: a forbidden token got through)."""
-        return [tuple(int(s) for s in row) for row in self._states[: self._meta[0]]]
+        rows = self._tracker[0, 0]
+        return [tuple(int(s) for s in row[: self.compiled.n_components]) for row in self._tracker[1:1 + rows]]
 
     @property
     def prompt_length(self) -> int:
-        return int(self._meta[2])
+        return int(self._tracker[0, 2])
 
     def _reserve(self, rows: int, length: int) -> None:
         have_rows, have_cols = self._history.shape
-        if rows <= have_rows and length <= have_cols:
-            return
         history = np.zeros((max(rows, have_rows), max(length, 2 * have_cols)), dtype=np.int64)
         history[:have_rows, :have_cols] = self._history
         self._history = history
-        states = np.zeros((history.shape[0], self.compiled.n_components), dtype=np.int32)
-        states[: len(self._states)] = self._states
-        self._states = states
+        tracker = np.zeros((1 + history.shape[0], self._tracker.shape[1]), dtype=np.int32)
+        tracker[: len(self._tracker)] = self._tracker
+        self._tracker = tracker
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        ids = input_ids.detach()
-        if ids.device.type != "cpu":
-            ids = ids.cpu()
-        ids = ids.numpy()
+        try:  # the common case, kept lean: CPU int64 ids and CPU float32 logits, written in place
+            ids = input_ids.numpy()
+            logits = scores.numpy() if scores.dtype == torch.float32 else None
+        except (RuntimeError, TypeError):  # on an accelerator, or requires grad
+            ids = input_ids.detach().cpu().numpy()
+            logits = None
         if ids.dtype != np.int64:
             ids = ids.astype(np.int64)
         rows, length = ids.shape
-        self._reserve(rows, length)
-        c = self.compiled
-        view = _int_view(scores)
-        if view is not None:
-            bits, ninf = view
-            kernels.guard_step(c.blob, c.headers, c.token_bytes, ids, self._history, self._meta, self._states, bits, ninf)
+        if rows > self._history.shape[0] or length > self._history.shape[1]:
+            self._reserve(rows, length)
+        if logits is not None:
+            kernels.guard_step(self._blob, ids, self._history, self._tracker, logits, _NEG_INF32)
             return scores
-        # Other devices/dtypes: compute the mask on the host, apply it on the scores' device.
+        view = _int_view(scores)
+        if view is not None:  # float16 / bfloat16 / float64 on CPU: write the -inf bit pattern
+            kernels.guard_step(self._blob, ids, self._history, self._tracker, *view)
+            return scores
+        # Other devices: compute the mask on the host, apply it on the scores' device.
         mask = np.zeros((rows, scores.shape[-1]), dtype=np.int32)
-        kernels.guard_step(c.blob, c.headers, c.token_bytes, ids, self._history, self._meta, self._states, mask, np.int32(-1))
+        kernels.guard_step(self._blob, ids, self._history, self._tracker, mask, np.int32(-1))
         scores = scores.masked_fill(torch.from_numpy(mask == -1).to(scores.device), float("-inf"))
-        return _restore_eos_where_stuck(scores, c.eos_ids)
+        return _restore_eos_where_stuck(scores, self.compiled.eos_ids)
 
 
 def _int_view(scores: torch.Tensor):

@@ -85,3 +85,12 @@ def test_union_of_patterns_is_any_match():
     for text in ["cat", "a cat!", "concat", "hotdog", "dog\n", "dogs", "SSx", "ẞx", "12z", "a12z", "12 z"]:
         expected = any(regex.search(p, text) for p in pats)
         assert bool(dfa.end_accept[dfa.walk(dfa.start, text.encode())]) == expected, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.sampled_from([r"a[ab]{3}", r"ab[a-c]{2,}", r"[ab]a{2}[ab]{3}", r"b\w{4}", r"(?:ab|a)[ab]{2}",
+                                r"a[ab]{2}b?", r"(?i:A)[ab]{3}", r"a[ab]{1,3}c"]),
+       data=st.lists(st.sampled_from([b"a", b"b", b"c", b" ", b"A"]), max_size=14).map(b"".join))
+def test_counted_runs_that_overlap_their_prefix(pattern, data):
+    """Σ*a[ab]{n} is the textbook exponential DFA; dominance pruning must keep it exact."""
+    assert_agrees_on_prefixes(compiled(pattern), pattern, 0, data)
