@@ -12,12 +12,13 @@ from . import charsets
 from .dfa import determinize
 from .errors import AutomatonTooLargeError
 from .nfa import build_nfa
-from .policy import Policy
+from .policy import LiteralRule, Policy
 from .syntax import Alt, Chars, Node, Repeat, Seq, parse, uses_assertion
 from .utf8 import ByteDFA, to_bytes
 
 DEFAULT_MAX_STATES = 200_000  # per rule (and per component)
-COMPONENT_STATES = 20_000  # target size of one component's union DFA
+COMPONENT_STATES = 40_000  # most states a component of literal rules may have before it is halved
+PRODUCT_BOUND = 4_000  # most states the product bound of a group of regex rules may promise
 
 
 def _char_specs(node: Node, out: list) -> None:
@@ -55,18 +56,6 @@ def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES) -> By
     return to_bytes(dfa, max_states=max_states)
 
 
-def _has_gap(node: Node, followed: bool = False) -> bool:
-    """True if an unbounded repeat is followed by more pattern (``a.*b``): such rules remember
-    "seen a" forever, so unions of several of them grow multiplicatively."""
-    if isinstance(node, Repeat):
-        return (node.max is None and followed) or _has_gap(node.item, followed or node.max is None)
-    if isinstance(node, Seq):
-        return any(_has_gap(item, followed or k < len(node.items) - 1) for k, item in enumerate(node.items))
-    if isinstance(node, Alt):
-        return any(_has_gap(item, followed) for item in node.items)
-    return False
-
-
 def _too_large(rule_id: str, max_states: int) -> AutomatonTooLargeError:
     return AutomatonTooLargeError(
         f"rule {rule_id}: its DFA exceeds the state limit of {max_states}; simplify the pattern "
@@ -78,32 +67,32 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
     """Split the policy into components whose union DFAs stay small; return (DFA, rule indices) each.
 
     The text contains a match of some rule iff some component's DFA says so, so running the
-    components side by side (a product automaton, built lazily by the kernel) is exact. Most
-    policies — phrase lists, secrets — are one component. Rules with "gaps" (``a.*b``) multiply
-    each other's states, so they are packed greedily under the bound ∏ |DFA_i| ≤ ``component_states``
-    (a union DFA never has more states than the product of its parts).
+    components side by side (a product automaton, evaluated lazily by the kernel) is exact.
+
+    * Literal rules combine additively (an Aho–Corasick-like union), so they form one component,
+      halved only if it still exceeds ``component_states``.
+    * Regex rules can multiply each other's states — gaps (``curl.*\\| *sh``) remember what
+      they saw, counted runs (``sk-[A-Za-z0-9]{20,}``, ``AKIA[0-9A-Z]{16}``) count in parallel. A
+      union DFA never has more states than the product of its parts, so regex rules are compiled
+      one by one and packed greedily (largest first) into groups whose product of
+      character-level sizes stays within ``PRODUCT_BOUND``.
     """
     ids = policy.rule_ids()
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
-    everything = list(range(len(nodes)))
-    gappy = [i for i in everything if _has_gap(nodes[i])]
-    if len(gappy) <= 2:
-        try:
-            return [(compile_nodes(nodes, min(max_states, max(component_states, 2 * COMPONENT_STATES))), everything)]
-        except AutomatonTooLargeError:
-            pass
-    components = _split_compile([i for i in everything if i not in gappy], nodes, ids, component_states, max_states)
+    literal = [i for i, rule in enumerate(policy.forbid) if isinstance(rule, LiteralRule)]
+    regexes = [i for i, rule in enumerate(policy.forbid) if not isinstance(rule, LiteralRule)]
+    components = _split_compile(literal, nodes, ids, component_states, max_states)
     alone = {}
-    for i in gappy:
+    for i in regexes:
         try:
             alone[i] = compile_nodes([nodes[i]], max_states)
         except AutomatonTooLargeError:
             raise _too_large(ids[i], max_states) from None
     groups: list[tuple[int, list[int]]] = []  # (product bound, rule indices)
-    for i in sorted(gappy, key=lambda k: -alone[k].n_states):
-        size = alone[i].n_states
+    for i in sorted(regexes, key=lambda k: -alone[k].char_states):
+        size = max(alone[i].char_states, 2)
         for g, (bound, members) in enumerate(groups):
-            if bound * size <= component_states:
+            if bound * size <= PRODUCT_BOUND:
                 groups[g] = (bound * size, members + [i])
                 break
         else:

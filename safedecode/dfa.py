@@ -86,7 +86,9 @@ class _Determinizer:
         self.rows: list[np.ndarray] = []
         self.node_classes: dict[tuple, tuple] = {}
         self.seed_closures: dict[tuple, tuple] = {}
+        self.seed_moves: dict[tuple, tuple] = {}
         self.tails = self._tail_chains()
+        self.tail_threads = frozenset(node * 3 + FREE for node in self.tails)
 
     # -- epsilon closure under a known look-behind and look-ahead ------------------------------
     def closure(self, seeds, prev: int, la: int):
@@ -108,6 +110,26 @@ class _Determinizer:
             matched |= one[1]
             pending_newline |= one[2]
         return threads, matched, pending_newline
+
+    def moves(self, seeds, prev: int, la: int):
+        """``closure`` then ``step_all``, memoized per seed: (class → moved seeds, matched, pending)."""
+        cache = self.seed_moves
+        moved: dict[int, list[int]] = {}
+        matched = pending_newline = False
+        for seed in seeds:
+            key = (seed, prev, la)
+            one = cache.get(key)
+            if one is None:
+                threads, m, p = self.closure([seed], prev, la)
+                one = cache[key] = (tuple(self.step_all(threads, la).items()), m, p)
+            for cls, targets in one[0]:
+                if cls in moved:
+                    moved[cls].extend(targets)
+                else:
+                    moved[cls] = list(targets)
+            matched |= one[1]
+            pending_newline |= one[2]
+        return moved, matched, pending_newline
 
     def closure_of_seed(self, seed: int, prev: int, la: int):
         nfa = self.nfa
@@ -202,7 +224,7 @@ class _Determinizer:
                 cur = nfa.out1[cur]
             reaches_match = nfa.kind[cur] == MATCH or (
                 nfa.kind[cur] == SPLIT and MATCH in (nfa.kind[nfa.out1[cur]], nfa.kind[nfa.out2[cur]]))
-            if reaches_match:
+            if reaches_match and needed >= 2:  # a chain of one can never hold two threads
                 tails[node] = (chain_ids.setdefault(classes, len(chain_ids)), needed)
         return tails
 
@@ -214,6 +236,8 @@ class _Determinizer:
         changes neither whether nor when a match happens. (``Σ*AIza[0-9A-Za-z_-]{35}`` otherwise
         tracks every overlapping start: 2^35 subsets.)
         """
+        if self.tail_threads.isdisjoint(seeds):
+            return seeds
         best: dict[int, int] = {}
         for thread in seeds:
             node, ob = divmod(thread, 3)
@@ -265,16 +289,15 @@ class _Determinizer:
             row = default_row[prev].copy()
             if seeds:
                 for la in self.la_kinds:
-                    threads, matched, pending_newline = self.closure(seeds, prev, la)
+                    moved_by_class, matched, pending_newline = self.moves(seeds, prev, la)
                     if matched:
                         row[self.classes_by_la[la]] = MATCH_STATE
                         continue
-                    moved_by_class = self.step_all(threads, la)
                     if pending_newline:  # a match that holds if the rest of the text is exactly "\n"
                         moved_by_class.setdefault(self.newline_class, []).append(self.nfa.match * 3 + END_NOW)
                     for cls, moved in moved_by_class.items():
                         row[cls] = self.intern(restart[prev, cls].union(moved), int(self.prev_after[cls]))
-                _, at_end, _ = self.closure(seeds, prev, LA_END)
+                _, at_end, _ = self.moves(seeds, prev, LA_END)
             else:
                 at_end = False
             end_accept.append(at_end)

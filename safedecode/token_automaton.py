@@ -206,6 +206,8 @@ def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None) -> dict[
         q = order[i]
         best = None
         for ref_index in dict.fromkeys((hint[i], 0)):
+            if best is not None and best[0] <= threshold:
+                break  # the inherited reference is good enough: skip measuring against the start
             ref = references[ref_index]
             if ref.state == q:
                 best = (0, ref_index, np.empty((0, 2), np.int32), empty)

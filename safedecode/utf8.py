@@ -36,6 +36,7 @@ class ByteDFA:
     trans: np.ndarray       # int32 [n_states, 256]
     end_accept: np.ndarray  # bool [n_states]
     start: int = 1
+    char_states: int = 0    # states of the character-level DFA it was built from
 
     @property
     def n_states(self) -> int:
@@ -176,7 +177,8 @@ class _ByteBuilder:
             self.rows[state] = self.intermediate_row(key)
         for s in range(self.n_char):  # intermediate rows may have requested more base rows
             self.base_row(s)
-        return ByteDFA(np.vstack(self.rows).astype(np.int32), np.array(self.end_accept, dtype=bool))
+        return ByteDFA(np.vstack(self.rows).astype(np.int32), np.array(self.end_accept, dtype=bool),
+                       char_states=self.n_char)
 
 
 def to_bytes(dfa: CharDFA, max_states: int = 1_000_000) -> ByteDFA:
