@@ -8,11 +8,33 @@ Public API (kept small and stable):
 * :class:`SafeLogitsProcessor` — the transformers ``LogitsProcessor`` enforcing it;
 * :func:`generate` → :class:`GenerationResult` — guarded generation in one call.
 """
-from .compiled import CompiledPolicy, __version__, compile_policy
 from .errors import AutomatonTooLargeError, PatternError, PolicyError, SafeDecodeError, VocabularyError
-from .generation import GenerationResult, generate
 from .policy import Policy, Violation, find_violations, load_policy
-from .processor import SafeLogitsProcessor
+
+__version__ = "0.1.0"
+
+# The engine pulls in numba, and the adapters torch and transformers: import them on first use so
+# that policy tools (`safedecode check`, loading and validating policies) start in a blink.
+_LAZY = {
+    "CompiledPolicy": "compiled", "compile_policy": "compiled",
+    "SafeLogitsProcessor": "processor",
+    "generate": "generation", "GenerationResult": "generation",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safedecode' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 __all__ = [
     "Policy", "load_policy", "find_violations", "Violation",

@@ -33,7 +33,7 @@ from .token_automaton import build_token_automaton
 from .trie import build_trie
 from .vocabulary import Vocabulary, vocabulary_from
 
-__version__ = "0.1.0"
+from . import __version__
 TABLE_FORMAT = 5  # bump when the packed layout changes: old cache files are then ignored
 
 
