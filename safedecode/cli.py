@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default="-", help="file to check, or - for standard input")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("compile", help="compile a policy and report states, exceptions, memory and time")
+    p = sub.add_parser("compile", help="compile a policy and report states, components, memory and time")
     p.add_argument("--policy", required=True, type=Path)
     p.add_argument("--tokenizer", default="default", help="default | qwen2.5 | qwen3.6 | HF tokenizer directory")
     p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES)

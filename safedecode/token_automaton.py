@@ -1,17 +1,18 @@
 """Token automaton: for each reachable DFA state, where each token leads and which tokens it forbids.
 
-Layer 6 of the compiler (DESIGN §2). For a "does not contain" DFA almost every token leads to the
-same place whatever state it starts from, so we store, for a few *reference* states, every
-token's destination (a dense row), and per state only the *exceptions* relative to its reference.
-They are found by walking the token trie from state ``q`` and from its reference in lock-step,
-pruning a subtree as soon as both walks reach the same DFA state (everything below behaves
-identically) or ``q``'s walk reaches MATCH (everything below is forbidden: one rank range).
+Layer 6 of the compiler (DESIGN §2). For a "does not contain" DFA almost every token behaves the
+same whatever state it starts from, so each state's forbidden set is stored relative to a
+*reference* state: only the differences are kept. They are found by walking the token trie from
+state ``q`` and from its reference in lock-step, pruning a subtree as soon as both walks reach the
+same DFA state (everything below behaves identically) or ``q``'s walk reaches MATCH (everything
+below is forbidden: one rank range, since the trie is in sorted-bytes order).
 
-The start state is always a reference. Rules with gaps (``curl … | sh``) have states that persist
-across arbitrary text ("seen curl"): measured against the start, *every* token would be an
-exception there. Such a state becomes a reference of its own when its exceptions against the
-best existing reference exceed a threshold, and the states discovered from it inherit it — so a
-family of gap states costs one dense row plus a few exceptions each.
+The start state is always a reference. Rules with gaps (``curl … | sh``) or counters
+(``sk-[A-Za-z0-9]{20,}``) have states that persist across arbitrary text: measured against the
+start, almost every token would differ. Such a state becomes a reference of its own when it
+differs from the best existing reference on more than a threshold of tokens, and the states
+discovered from it inherit it as their first candidate — so a family of such states shares one
+reference and keeps small deltas. The same walks discover every state reachable by whole tokens.
 
 A token is *forbidden* from ``q`` iff its byte walk from ``q`` reaches MATCH or ends in a state
 whose ``end_accept`` is set (DESIGN §1: prefix-safe and exact).
