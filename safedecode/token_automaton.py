@@ -39,6 +39,17 @@ from .utf8 import ByteDFA
 MATCH = 0
 
 
+@numba.njit(inline="always")
+def _append_range(ranges, n, lo, hi):
+    """Append [lo, hi) to the first ``n`` sorted ranges, merging with the last if adjacent."""
+    if n > 0 and ranges[n - 1, 1] == lo:
+        ranges[n - 1, 1] = hi
+        return n
+    ranges[n, 0] = lo
+    ranges[n, 1] = hi
+    return n + 1
+
+
 @numba.njit(cache=True)
 def _walk_from_start(trans, end_accept, start, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi, skip, max_depth,
                      n_ranks):
@@ -57,13 +68,7 @@ def _walk_from_start(trans, end_accept, start, trie_byte, trie_depth, tok_lo, to
         s = trans[stack[d - 1], trie_byte[n]]
         node_state[n] = s
         if s == 0:
-            lo, hi = tok_lo[n], sub_hi[n]
-            if nf > 0 and forb[nf - 1, 1] == lo:
-                forb[nf - 1, 1] = hi
-            else:
-                forb[nf, 0] = lo
-                forb[nf, 1] = hi
-                nf += 1
+            nf = _append_range(forb, nf, tok_lo[n], sub_hi[n])
             # every node below also reads MATCH
             for m in range(n + 1, skip[n]):
                 node_state[m] = 0
@@ -71,13 +76,7 @@ def _walk_from_start(trans, end_accept, start, trie_byte, trie_depth, tok_lo, to
             continue
         if tok_hi[n] > tok_lo[n]:
             if end_accept[s]:
-                lo, hi = tok_lo[n], tok_hi[n]
-                if nf > 0 and forb[nf - 1, 1] == lo:
-                    forb[nf - 1, 1] = hi
-                else:
-                    forb[nf, 0] = lo
-                    forb[nf, 1] = hi
-                    nf += 1
+                nf = _append_range(forb, nf, tok_lo[n], tok_hi[n])
             else:
                 for r in range(tok_lo[n], tok_hi[n]):
                     default_dest[r] = s
@@ -111,24 +110,12 @@ def _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi
             n = skip[n]
             continue
         if s == 0:
-            lo, hi = tok_lo[n], sub_hi[n]
-            if nf > 0 and out_forb[nf - 1, 1] == lo:
-                out_forb[nf - 1, 1] = hi
-            else:
-                out_forb[nf, 0] = lo
-                out_forb[nf, 1] = hi
-                nf += 1
+            nf = _append_range(out_forb, nf, tok_lo[n], sub_hi[n])
             n = skip[n]
             continue
         if tok_hi[n] > tok_lo[n]:
             if end_accept[s]:
-                lo, hi = tok_lo[n], tok_hi[n]
-                if nf > 0 and out_forb[nf - 1, 1] == lo:
-                    out_forb[nf - 1, 1] = hi
-                else:
-                    out_forb[nf, 0] = lo
-                    out_forb[nf, 1] = hi
-                    nf += 1
+                nf = _append_range(out_forb, nf, tok_lo[n], tok_hi[n])
             else:
                 if seen[s] == 0:
                     seen[s] = 1
