@@ -179,8 +179,8 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     all_tables = []
     for dfa, _ in components:
         tables = build_token_automaton(dfa, trie, progress=report if bar else None)
-        columns, byte_class = np.unique(dfa.trans, axis=1, return_inverse=True)  # byte classes
-        tables.update(shared, byte_class=byte_class.reshape(-1), trans=columns, n_classes=[columns.shape[1]],
+        columns, byte_class = _byte_classes(dfa.trans)
+        tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
                       end_accept=dfa.end_accept)
         all_tables.append(tables)
     if bar is not None:
@@ -203,6 +203,29 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "compile_seconds": round(t2 - t0, 4),
     }
     return CompiledPolicy(policy, vocabulary, blob, stats)
+
+
+def _byte_classes(trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the bytes no state tells apart (regex-automata's byte classes).
+
+    Returns the distinct columns of ``trans`` and, per byte, its column. Columns are grouped by a
+    random-projection hash, then compared exactly, so a hash collision can never merge two bytes.
+    """
+    weights = np.random.default_rng(0).integers(1, 2**61, size=trans.shape[0], dtype=np.int64)
+    hashes = weights @ trans.astype(np.int64)  # wraps modulo 2**64: fine for a hash
+    byte_class = np.empty(256, dtype=np.int64)
+    representatives: list[int] = []
+    by_hash: dict[int, list[int]] = {}
+    for byte in range(256):
+        for cls in by_hash.get(int(hashes[byte]), []):
+            if np.array_equal(trans[:, representatives[cls]], trans[:, byte]):
+                byte_class[byte] = cls
+                break
+        else:
+            byte_class[byte] = len(representatives)
+            by_hash.setdefault(int(hashes[byte]), []).append(len(representatives))
+            representatives.append(byte)
+    return np.ascontiguousarray(trans[:, representatives]), byte_class
 
 
 def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> Optional[CompiledPolicy]:

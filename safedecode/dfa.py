@@ -87,6 +87,8 @@ class _Determinizer:
         self.node_classes: dict[tuple, tuple] = {}
         self.seed_closures: dict[tuple, tuple] = {}
         self.seed_moves: dict[tuple, tuple] = {}
+        self.base_moves: dict[tuple, tuple] = {}
+        self.bases: list[frozenset] = [frozenset()]  # per state, its restart part (state 0: MATCH)
         self.tails = self._tail_chains()
         self.tail_threads = frozenset(node * 3 + FREE for node in self.tails)
 
@@ -249,7 +251,12 @@ class _Determinizer:
         keep = set(best.values())
         return frozenset(t for t in seeds if t in keep or (t % 3) != FREE or t // 3 not in self.tails)
 
-    def intern(self, seeds: frozenset, prev: int) -> int:
+    def intern(self, seeds: frozenset, prev: int, base: frozenset = frozenset()) -> int:
+        """The state for ``seeds`` after a character of look-behind kind ``prev``.
+
+        ``base`` is the part of ``seeds`` that came from the Σ* restart: it is shared by many
+        states, so its moves are computed once (see ``state_moves``).
+        """
         seeds = self.prune(seeds)
         key = (seeds, prev)
         state = self.states.get(key)
@@ -259,7 +266,25 @@ class _Determinizer:
                 raise AutomatonTooLargeError(f"more than {self.max_states} DFA states")
             self.states[key] = state
             self.keys.append(key)
+            self.bases.append(base if base and base <= seeds else frozenset())
         return state
+
+    def state_moves(self, state: int, la: int):
+        """``moves`` of a state's seeds: the shared restart part memoized, the rest computed."""
+        seeds, prev = self.keys[state]
+        base = self.bases[state]
+        if not base:
+            return self.moves(seeds, prev, la)
+        key = (base, prev, la)
+        shared = self.base_moves.get(key)
+        if shared is None:
+            moved, matched, pending = self.moves(base, prev, la)
+            shared = self.base_moves[key] = ({cls: tuple(t) for cls, t in moved.items()}, matched, pending)
+        rest, matched, pending = self.moves(seeds - base, prev, la)
+        moved = dict(shared[0])
+        for cls, targets in rest.items():
+            moved[cls] = moved[cls] + tuple(targets) if cls in moved else targets
+        return moved, matched or shared[1], pending or shared[2]
 
     def run(self) -> CharDFA:
         self.keys.append(None)  # state 0: MATCH
@@ -284,20 +309,22 @@ class _Determinizer:
             queue_index += 1
             if prev not in default_row:
                 default_row[prev] = np.array(
-                    [self.intern(restart[prev, c], int(self.prev_after[c])) for c in range(self.n_classes)],
-                    dtype=np.int32)
+                    [self.intern(restart[prev, c], int(self.prev_after[c]), restart[prev, c])
+                     for c in range(self.n_classes)], dtype=np.int32)
             row = default_row[prev].copy()
             if seeds:
                 for la in self.la_kinds:
-                    moved_by_class, matched, pending_newline = self.moves(seeds, prev, la)
+                    moved_by_class, matched, pending_newline = self.state_moves(queue_index - 1, la)
                     if matched:
                         row[self.classes_by_la[la]] = MATCH_STATE
                         continue
                     if pending_newline:  # a match that holds if the rest of the text is exactly "\n"
-                        moved_by_class.setdefault(self.newline_class, []).append(self.nfa.match * 3 + END_NOW)
+                        moved_by_class[self.newline_class] = tuple(moved_by_class.get(self.newline_class, ())) + (
+                            self.nfa.match * 3 + END_NOW,)
                     for cls, moved in moved_by_class.items():
-                        row[cls] = self.intern(restart[prev, cls].union(moved), int(self.prev_after[cls]))
-                _, at_end, _ = self.moves(seeds, prev, LA_END)
+                        base = restart[prev, cls]
+                        row[cls] = self.intern(base.union(moved), int(self.prev_after[cls]), base)
+                _, at_end, _ = self.state_moves(queue_index - 1, LA_END)
             else:
                 at_end = False
             end_accept.append(at_end)
