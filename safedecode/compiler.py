@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import charsets
+from .aho_corasick import phrase_dfa, plain_phrase
 from .dfa import determinize
 from .errors import AutomatonTooLargeError
 from .nfa import build_nfa
@@ -31,8 +32,12 @@ def _char_specs(node: Node, out: list) -> None:
         _char_specs(node.item, out)
 
 
-def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES) -> ByteDFA:
-    """Compile parsed patterns into one byte DFA for "contains a match of any of them"."""
+def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES, fast_path: bool = True) -> ByteDFA:
+    """Compile parsed patterns into one byte DFA for "contains a match of any of them".
+
+    Plain phrase lists take the Aho–Corasick fast path unless ``fast_path`` is False (tests
+    compare both constructions).
+    """
     specs: list = []
     for node in nodes:
         _char_specs(node, specs)
@@ -44,9 +49,15 @@ def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES) -> By
     alphabet = charsets.build_alphabet(sets)
     index_of = {spec: i for i, spec in enumerate(distinct)}
     classes = [frozenset(int(c) for c in alphabet.set_classes[i]) for i in range(len(sets))]
-    nfa = build_nfa(nodes, lambda spec: classes[index_of[spec]])
     word_classes = np.zeros(alphabet.n_classes, dtype=bool)
     word_classes[list(classes[word_index])] = True
+    phrases = [plain_phrase(node) for node in nodes]
+    if fast_path and nodes and all(p is not None for p in phrases):  # plain phrase lists: Aho–Corasick
+        dfa = phrase_dfa(phrases, alphabet, word_classes)
+        if dfa.n_states > max_states:
+            raise AutomatonTooLargeError(f"more than {max_states} DFA states")
+        return to_bytes(dfa, max_states=max_states)
+    nfa = build_nfa(nodes, lambda spec: classes[index_of[spec]])
     (newline_class,) = classes[newline_index]
     dfa = determinize(
         nfa, alphabet, word_classes, newline_class,

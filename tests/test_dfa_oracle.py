@@ -94,3 +94,19 @@ def test_union_of_patterns_is_any_match():
 def test_counted_runs_that_overlap_their_prefix(pattern, data):
     """Σ*a[ab]{n} is the textbook exponential DFA; dominance pruning must keep it exact."""
     assert_agrees_on_prefixes(compiled(pattern), pattern, 0, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(phrases=st.lists(st.text(alphabet="abé😀 \n", min_size=1, max_size=5), min_size=1, max_size=8),
+       draw=st.data())
+def test_aho_corasick_fast_path_equals_the_general_construction(phrases, draw):
+    """Texts are spliced from pieces of the phrases, so overlaps and failure links get exercised."""
+    pieces = [p[i:j] for p in phrases for i in range(len(p)) for j in range(i + 1, len(p) + 1)]
+    parts = draw.draw(st.lists(st.one_of(st.sampled_from(pieces).map(str.encode),
+                                         st.sampled_from([b"a", b"\xc3", b"\xff", b" "])), max_size=8))
+    data = b"".join(parts)
+    nodes = [parse(regex.escape(p)) for p in phrases]
+    fast, general = compile_nodes(nodes), compile_nodes(nodes, fast_path=False)
+    pattern = "|".join(regex.escape(p) for p in phrases)
+    assert_agrees_on_prefixes(fast, pattern, 0, data)
+    assert_agrees_on_prefixes(general, pattern, 0, data)
