@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from .errors import SafeDecodeError  # noqa: E402
 from .policy import find_violations, load_policy  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-GRAMMARS = REPO_ROOT / "grammars"
 
 
 def _tokenizer(name: str):

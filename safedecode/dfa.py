@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import AutomatonTooLargeError
-from .nfa import ASSERT, CHAR, EPS, MATCH, NFA, SPLIT
+from .nfa import CHAR, EPS, MATCH, NFA, SPLIT
 
 MATCH_STATE = 0
 START_STATE = 1

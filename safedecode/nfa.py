@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from .errors import AutomatonTooLargeError
 from .syntax import Alt, Assert, Chars, Node, Repeat, Seq
