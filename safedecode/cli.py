@@ -1,6 +1,7 @@
-"""The ``safedecode`` command line: generate, check, compile, demo, bench.
+"""The ``safedecode`` command line: generate, check, compile, verify, demo, bench.
 
-Exit codes: 0 success; 1 ``check`` found a violation; 2 bad input (the message names the problem).
+Exit codes: 0 success; 1 ``check`` found a violation or ``verify`` a counterexample; 2 bad input
+(the message names the problem).
 """
 from __future__ import annotations
 
@@ -101,6 +102,21 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import VerificationFailed, verify
+
+    policy = load_policy(args.policy)
+    tokenizer = _tokenizer(args.tokenizer)
+    try:
+        certificate = verify(policy, tokenizer, max_states=args.max_states, progress=sys.stderr.isatty())
+    except VerificationFailed as failure:
+        print(json.dumps({"verified": False, "policy": str(args.policy), "error": str(failure),
+                          "counterexample": failure.counterexample}, indent=2, ensure_ascii=False))
+        return 1
+    print(json.dumps(dict(certificate, policy=str(args.policy), tokenizer=args.tokenizer), indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -137,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not write the disk cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("verify", help="exhaustively check every reachable state's mask; print a JSON certificate")
+    p.add_argument("--policy", required=True, type=Path)
+    p.add_argument("--tokenizer", default="default", help="default | qwen2.5 | qwen3.6 | HF tokenizer directory")
+    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="unguarded vs guarded answers of the embedded model, side by side")
     p.add_argument("--max-new-tokens", type=int, default=48)
