@@ -29,6 +29,7 @@ test: env
 
 bench: env
 	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache
