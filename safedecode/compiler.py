@@ -118,8 +118,12 @@ def _split_compile(indices, nodes, ids, limit, max_states) -> list[tuple[ByteDFA
     """Compile ``indices`` as one component, halving the set until each part fits ``limit``."""
     if not indices:
         return []
+    group = [nodes[i] for i in indices]
+    plain = all(plain_phrase(node) is not None for node in group)
+    # Aho–Corasick unions grow linearly with the phrases; others may not, so keep them small.
+    cap = max_states if len(indices) == 1 or plain else limit
     try:
-        return [(compile_nodes([nodes[i] for i in indices], limit if len(indices) > 1 else max_states), indices)]
+        return [(compile_nodes(group, cap), indices)]
     except AutomatonTooLargeError:
         if len(indices) == 1:
             raise _too_large(ids[indices[0]], max_states) from None

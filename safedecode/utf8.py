@@ -77,7 +77,6 @@ class _ByteBuilder:
         self.pending: list[tuple[int, tuple]] = []
         self.lead_cache: dict[int, tuple] = {}
         self.lead_states: dict[tuple, int] = {}
-        self.upper_rows: dict[bytes, np.ndarray] = {}
         # Classes holding a non-ASCII code point (U+FFFD among them): they decide a row's upper half.
         self.upper_classes = np.unique(self.alphabet.interval_class[np.searchsorted(self.alphabet.starts, 128, "right") - 1:])
 
@@ -118,43 +117,43 @@ class _ByteBuilder:
         lasts = np.append(firsts[1:] - 1, len(targets) - 1)
         return tuple(zip(offsets[firsts, 0].tolist(), offsets[lasts, 1].tolist(), targets[firsts].tolist()))
 
-    def base_row(self, s: int) -> np.ndarray:
-        """The 256-entry row of character state ``s``."""
-        if self.rows[s] is not None:
-            return self.rows[s]
-        row = np.empty(256, np.int32)
-        if s == MATCH_STATE:
-            row[:] = MATCH_STATE
-        else:
-            row[:128] = self.dfa.trans[s, self.ascii_classes]
-            fffd_target = int(self.dfa.trans[s, self.fffd_class])
-            accept = bool(self.dfa.end_accept[s])
-            signature = self.dfa.trans[s, self.upper_classes].tobytes() + bytes([accept])
-            upper = self.upper_rows.get(signature)
-            if upper is not None:  # same targets for every non-ASCII character: same upper half
-                row[128:] = upper
-                self.rows[s] = row
-                return row
-            row[128:] = fffd_target  # bytes that cannot start a character decode to U+FFFD
-            for byte in range(0xC2, 0xF5):
-                _, classes = self.lead_pieces(byte)
-                key = (byte, self.dfa.trans[s, classes].tobytes(), fffd_target, accept)
-                state = self.lead_states.get(key)
-                if state is None:
-                    count, _, valid = _lead_info(byte)
-                    cmap = self.code_point_map(s, byte)
-                    state = self.lead_states[key] = self.new_intermediate((fffd_target, accept, count, valid, cmap))
-                row[byte] = state
-            self.upper_rows[signature] = row[128:].copy()
-        self.rows[s] = row
-        return row
+    def upper_half(self, s: int) -> np.ndarray:
+        """Entries 128–255 of character state ``s``'s row: lead bytes open intermediate states."""
+        fffd_target = int(self.dfa.trans[s, self.fffd_class])
+        accept = bool(self.dfa.end_accept[s])
+        upper = np.full(128, fffd_target, np.int32)  # bytes that cannot start a character decode to U+FFFD
+        for byte in range(0xC2, 0xF5):
+            _, classes = self.lead_pieces(byte)
+            key = (byte, self.dfa.trans[s, classes].tobytes(), fffd_target, accept)
+            state = self.lead_states.get(key)
+            if state is None:
+                count, _, valid = _lead_info(byte)
+                cmap = self.code_point_map(s, byte)
+                state = self.lead_states[key] = self.new_intermediate((fffd_target, accept, count, valid, cmap))
+            upper[byte - 128] = state
+        return upper
+
+    def base_rows(self) -> np.ndarray:
+        """The rows of all character states at once: ASCII bytes by one gather; the upper half once
+        per distinct (non-ASCII targets, end_accept) signature — phrase lists have a handful."""
+        trans = self.dfa.trans
+        rows = np.empty((self.n_char, 256), np.int32)
+        rows[:, :128] = trans[:, self.ascii_classes]
+        signature = np.ascontiguousarray(np.concatenate(
+            [trans[:, self.upper_classes], self.dfa.end_accept[:, None].astype(trans.dtype)], axis=1))
+        keys = signature.view(np.dtype((np.void, signature.dtype.itemsize * signature.shape[1]))).ravel()
+        _, first, inverse = np.unique(keys[1:], return_index=True, return_inverse=True)  # state 0 is MATCH
+        uppers = np.stack([self.upper_half(int(state) + 1) for state in first])
+        rows[1:, 128:] = uppers[inverse.reshape(-1)]
+        rows[MATCH_STATE] = MATCH_STATE
+        return rows
 
     def intermediate_row(self, key: tuple) -> np.ndarray:
         fffd_target, accept, remaining, (valid_lo, valid_hi), cmap = key
         if fffd_target == MATCH_STATE:
             row = np.full(256, MATCH_STATE, np.int32)
         else:
-            row = self.base_row(fffd_target).copy()  # invalid next byte: U+FFFD, then decode it afresh
+            row = self.base[fffd_target].copy()  # invalid next byte: U+FFFD, then decode it afresh
         shift = 6 * (remaining - 1)
         piece_starts = [a for a, _, _ in cmap]
         for byte in range(valid_lo, valid_hi + 1):
@@ -170,15 +169,12 @@ class _ByteBuilder:
         return row
 
     def run(self) -> ByteDFA:
-        for s in range(self.n_char):
-            self.base_row(s)
+        self.base = self.base_rows()
         while self.pending:
             state, key = self.pending.pop()
             self.rows[state] = self.intermediate_row(key)
-        for s in range(self.n_char):  # intermediate rows may have requested more base rows
-            self.base_row(s)
-        return ByteDFA(np.vstack(self.rows).astype(np.int32), np.array(self.end_accept, dtype=bool),
-                       char_states=self.n_char)
+        trans = np.vstack([self.base] + self.rows[self.n_char:]) if len(self.rows) > self.n_char else self.base
+        return ByteDFA(trans.astype(np.int32), np.array(self.end_accept, dtype=bool), char_states=self.n_char)
 
 
 def to_bytes(dfa: CharDFA, max_states: int = 1_000_000) -> ByteDFA:
