@@ -161,9 +161,7 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     id_to_rank[trie.rank_to_id] = np.arange(len(trie.rank_to_id), dtype=np.int32)
     for eos in vocabulary.eos_ids:  # EOS contributes no text and is never masked
         id_to_rank[eos] = -1
-    token_offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
-    np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=token_offsets[1:])
-    token_bytes = np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8)
+    token_bytes, token_offsets = flat_token_bytes(vocabulary)
     shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
                   eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
     bar = None
@@ -203,6 +201,13 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "compile_seconds": round(t2 - t0, 4),
     }
     return CompiledPolicy(policy, vocabulary, blob, stats)
+
+
+def flat_token_bytes(vocabulary: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """All token bytes concatenated in id order, and ``offsets`` with token ``i`` at ``[o[i], o[i+1])``."""
+    offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
+    np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=offsets[1:])
+    return np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8), offsets
 
 
 def _byte_classes(trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from . import __version__, kernels
-from .compiled import CompiledPolicy, _vocabulary_of, compile_policy
+from .compiled import CompiledPolicy, _vocabulary_of, compile_policy, flat_token_bytes
 from .compiler import DEFAULT_MAX_STATES, compile_components
 from .errors import SafeDecodeError
 from .policy import Policy
@@ -69,9 +69,7 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
     if len(components) != compiled.n_components:
         raise VerificationFailed(f"the compiled policy has {compiled.n_components} components, the policy "
                                  f"compiles to {len(components)}", {"components": len(components)})
-    flat = np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8)
-    offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
-    np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=offsets[1:])
+    flat, offsets = flat_token_bytes(vocabulary)
     size = vocabulary.size
     forbidden = np.zeros(size, dtype=np.bool_)
     dest = np.zeros(size, dtype=np.int32)
