@@ -34,7 +34,7 @@ from .trie import build_trie
 from .vocabulary import Vocabulary, vocabulary_from
 
 from . import __version__
-TABLE_FORMAT = 5  # bump when the packed layout changes: old cache files are then ignored
+TABLE_FORMAT = 6  # bump when the packed layout changes: old cache files are then ignored
 
 
 class CompiledPolicy:
@@ -159,11 +159,13 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     trie = build_trie(vocabulary.token_bytes)
     id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
     id_to_rank[trie.rank_to_id] = np.arange(len(trie.rank_to_id), dtype=np.int32)
-    for eos in vocabulary.eos_ids:  # EOS contributes no text and is never masked
+    for eos in vocabulary.eos_ids:  # EOS contributes no text and is masked only inside a block
         id_to_rank[eos] = -1
+    static = forbidden_special_ids(policy, vocabulary)
+    id_to_rank[static] = kernels.FORBIDDEN_SPECIAL
     token_bytes, token_offsets = flat_token_bytes(vocabulary)
     shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
-                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32))
+                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32), static_forbidden=static)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -179,7 +181,7 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         tables = build_token_automaton(dfa, trie, progress=report if bar else None)
         columns, byte_class = _byte_classes(dfa.trans)
         tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
-                      end_accept=dfa.end_accept)
+                      end_accept=dfa.end_accept, eos_blocked=dfa.eos_blocked_or_none()[tables["byte_state"]])
         all_tables.append(tables)
     if bar is not None:
         bar.close()
@@ -201,6 +203,13 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "compile_seconds": round(t2 - t0, 4),
     }
     return CompiledPolicy(policy, vocabulary, blob, stats)
+
+
+def forbidden_special_ids(policy: Policy, vocabulary: Vocabulary) -> np.ndarray:
+    """The special ids ``policy.special_tokens = "forbid"`` masks in every state: all but EOS."""
+    if policy.special_tokens != "forbid":
+        return np.zeros(0, dtype=np.int32)
+    return np.array(sorted(vocabulary.special_ids - vocabulary.eos_ids), dtype=np.int32)
 
 
 def flat_token_bytes(vocabulary: Vocabulary) -> tuple[np.ndarray, np.ndarray]:

@@ -7,13 +7,15 @@ UTF-8 decoding contains a match of any rule — exactly as ``regex.search`` does
 from __future__ import annotations
 
 import numpy as np
+import regex
 
 from . import charsets
 from .aho_corasick import phrase_dfa, plain_phrase
-from .dfa import determinize
-from .errors import AutomatonTooLargeError
+from .blocks import compose_block
+from .dfa import CharDFA, determinize
+from .errors import AutomatonTooLargeError, PolicyError
 from .nfa import build_nfa
-from .policy import LiteralRule, Policy
+from .policy import BlockRule, LiteralRule, Policy, RegexRule
 from .syntax import Alt, Chars, Node, Repeat, Seq, parse, uses_assertion
 from .utf8 import ByteDFA, to_bytes
 
@@ -32,39 +34,60 @@ def _char_specs(node: Node, out: list) -> None:
         _char_specs(node.item, out)
 
 
+class _CharContext:
+    """The alphabet shared by a set of parsed patterns: classes of their character sets, \w and \n."""
+
+    def __init__(self, nodes: list[Node]):
+        specs: list = []
+        for node in nodes:
+            _char_specs(node, specs)
+        charsets.prefetch_case_variants(s.value for s in specs if s.kind == "char" and s.ignore_case)
+        distinct = list(dict.fromkeys(specs))
+        sets = [charsets.resolve(spec) for spec in distinct]
+        word_index, newline_index = len(sets), len(sets) + 1
+        sets += [charsets.resolve(charsets.WORD_CHARS), charsets.resolve(charsets.NEWLINE)]
+        self.alphabet = charsets.build_alphabet(sets)
+        index_of = {spec: i for i, spec in enumerate(distinct)}
+        classes = [frozenset(int(c) for c in self.alphabet.set_classes[i]) for i in range(len(sets))]
+        self.classes_of = lambda spec: classes[index_of[spec]]
+        self.word_classes = np.zeros(self.alphabet.n_classes, dtype=bool)
+        self.word_classes[list(classes[word_index])] = True
+        (self.newline_class,) = classes[newline_index]
+
+    def search_dfa(self, nodes: list[Node], max_states: int, fast_path: bool = True) -> CharDFA:
+        """The character DFA of "contains a match of one of ``nodes``" over this alphabet."""
+        phrases = [plain_phrase(node) for node in nodes]
+        if fast_path and nodes and all(p is not None for p in phrases):  # plain phrase lists: Aho–Corasick
+            dfa = phrase_dfa(phrases, self.alphabet, self.word_classes)
+            if dfa.n_states > max_states:
+                raise AutomatonTooLargeError(f"more than {max_states} DFA states")
+            return dfa
+        return determinize(
+            build_nfa(nodes, self.classes_of), self.alphabet, self.word_classes, self.newline_class,
+            distinguish_words=any(uses_assertion(n, {"word_boundary", "not_word_boundary"}) for n in nodes),
+            distinguish_newline=any(uses_assertion(n, {"dollar"}) for n in nodes),
+            max_states=max_states)
+
+
 def compile_nodes(nodes: list[Node], max_states: int = DEFAULT_MAX_STATES, fast_path: bool = True) -> ByteDFA:
     """Compile parsed patterns into one byte DFA for "contains a match of any of them".
 
     Plain phrase lists take the Aho–Corasick fast path unless ``fast_path`` is False (tests
     compare both constructions).
     """
-    specs: list = []
-    for node in nodes:
-        _char_specs(node, specs)
-    charsets.prefetch_case_variants(s.value for s in specs if s.kind == "char" and s.ignore_case)
-    distinct = list(dict.fromkeys(specs))
-    sets = [charsets.resolve(spec) for spec in distinct]
-    word_index, newline_index = len(sets), len(sets) + 1
-    sets += [charsets.resolve(charsets.WORD_CHARS), charsets.resolve(charsets.NEWLINE)]
-    alphabet = charsets.build_alphabet(sets)
-    index_of = {spec: i for i, spec in enumerate(distinct)}
-    classes = [frozenset(int(c) for c in alphabet.set_classes[i]) for i in range(len(sets))]
-    word_classes = np.zeros(alphabet.n_classes, dtype=bool)
-    word_classes[list(classes[word_index])] = True
-    phrases = [plain_phrase(node) for node in nodes]
-    if fast_path and nodes and all(p is not None for p in phrases):  # plain phrase lists: Aho–Corasick
-        dfa = phrase_dfa(phrases, alphabet, word_classes)
-        if dfa.n_states > max_states:
-            raise AutomatonTooLargeError(f"more than {max_states} DFA states")
+    return to_bytes(_CharContext(nodes).search_dfa(nodes, max_states, fast_path), max_states=max_states)
+
+
+def compile_block(rule: BlockRule, rule_id: str, max_states: int = DEFAULT_MAX_STATES) -> ByteDFA:
+    """The byte DFA of a block rule: an ``open`` detector composed with the anchored body language."""
+    opener = parse(regex.escape(rule.open), rule=rule_id)
+    language = parse(rule.pattern, rule=rule_id)
+    context = _CharContext([opener, language])
+    try:
+        dfa = compose_block(context.search_dfa([opener], max_states), context.search_dfa([language], max_states))
         return to_bytes(dfa, max_states=max_states)
-    nfa = build_nfa(nodes, lambda spec: classes[index_of[spec]])
-    (newline_class,) = classes[newline_index]
-    dfa = determinize(
-        nfa, alphabet, word_classes, newline_class,
-        distinguish_words=any(uses_assertion(n, {"word_boundary", "not_word_boundary"}) for n in nodes),
-        distinguish_newline=any(uses_assertion(n, {"dollar"}) for n in nodes),
-        max_states=max_states)
-    return to_bytes(dfa, max_states=max_states)
+    except AutomatonTooLargeError:
+        raise _too_large(rule_id, max_states) from None
 
 
 def _too_large(rule_id: str, max_states: int) -> AutomatonTooLargeError:
@@ -87,11 +110,12 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
       union DFA never has more states than the product of its parts, so regex rules are compiled
       one by one and packed greedily (largest first) into groups whose product of
       character-level sizes stays within ``PRODUCT_BOUND``.
+    * Block rules are each a component of their own (:func:`compile_block`).
     """
     ids = policy.rule_ids()
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
     literal = [i for i, rule in enumerate(policy.forbid) if isinstance(rule, LiteralRule)]
-    regexes = [i for i, rule in enumerate(policy.forbid) if not isinstance(rule, LiteralRule)]
+    regexes = [i for i, rule in enumerate(policy.forbid) if isinstance(rule, RegexRule)]
     components = _split_compile(literal, nodes, ids, component_states, max_states)
     alone = {}
     for i in regexes:
@@ -111,6 +135,9 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
     for _, members in groups:
         dfa = alone[members[0]] if len(members) == 1 else compile_nodes([nodes[i] for i in members], max_states)
         components.append((dfa, sorted(members)))
+    for i, rule in enumerate(policy.forbid):  # a block is a positive grammar: always its own component
+        if isinstance(rule, BlockRule):
+            components.append((compile_block(rule, ids[i], max_states), [i]))
     return components
 
 
@@ -135,6 +162,8 @@ def _split_compile(indices, nodes, ids, limit, max_states) -> list[tuple[ByteDFA
 def compile_policy_dfa(policy: Policy, max_states: int = DEFAULT_MAX_STATES) -> ByteDFA:
     """The single byte DFA of a whole policy (tests and verification); refused if over the limit."""
     ids = policy.rule_ids()
+    if any(isinstance(rule, BlockRule) for rule in policy.forbid):
+        raise PolicyError("a policy with block rules has no single-DFA form; use compile_components")
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
     try:
         return compile_nodes(nodes, max_states)

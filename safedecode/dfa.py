@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class CharDFA:
     end_accept: np.ndarray   # bool [n_states]
     word_class: np.ndarray   # bool [n_classes]: class consists of \w characters
     alphabet: object
+    eos_blocked: Optional[np.ndarray] = None  # bool [n_states]: the text may not end here (block rules)
 
     @property
     def n_states(self) -> int:

@@ -8,6 +8,9 @@ components, ``blob[1]`` the header width, then one header row per component hold
 (``ninf`` is the bit pattern of -inf for its dtype), so float32, float16 and bfloat16 share one
 kernel and nothing is copied.
 
+``id_to_rank`` is -1 for ids without text (EOS, allowed special tokens: the state is unchanged) and
+-2 for special ids the policy forbids everywhere.
+
 Token states: ``0`` is the start; ``-1`` means "a forbidden token was sampled anyway" (another
 processor re-enabled it, or the caller bypassed the mask): such a row fails closed — everything but
 EOS is masked so the sequence ends.
@@ -20,11 +23,15 @@ import numpy as np
 # Segment numbers inside the blob (see pack_tables).
 (ID_TO_RANK, RANK_TO_ID, TOKEN_OFFSETS, TOKEN_BYTES, EOS_IDS,  # shared by all components
  BYTE_CLASS, TRANS, END_ACCEPT, COMPACT, BYTE_STATE, STATE_REF, REF_FORB_PTR, REF_FORB_LO, REF_FORB_HI,
- FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES) = range(20)
+ FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES,
+ STATIC_FORBIDDEN,  # shared: special ids forbidden in every state (policy.special_tokens = "forbid")
+ EOS_BLOCKED) = range(22)  # per token state: 1 inside an unfinished block (EOS masked)
 SEGMENTS = ("id_to_rank", "rank_to_id", "token_offsets", "token_bytes", "eos_ids",
             "byte_class", "trans", "end_accept", "compact", "byte_state", "state_ref", "ref_forb_ptr",
-            "ref_forb_lo", "ref_forb_hi", "forb_ptr", "forb_lo", "forb_hi", "override_ptr", "override", "n_classes")
-SHARED_SEGMENTS = frozenset(SEGMENTS[:5])
+            "ref_forb_lo", "ref_forb_hi", "forb_ptr", "forb_lo", "forb_hi", "override_ptr", "override", "n_classes",
+            "static_forbidden", "eos_blocked")
+SHARED_SEGMENTS = frozenset(SEGMENTS[:5] + ("static_forbidden",))
+FORBIDDEN_SPECIAL = -2  # id_to_rank of a special id that is forbidden in every state
 HEADER_START = 2
 
 VIOLATED = -1
@@ -97,8 +104,10 @@ def next_state(blob, component, state, token):
     """
     header = _header(blob, component)
     id_to_rank = _seg(blob, header, ID_TO_RANK)
-    if state < 0 or token < 0 or token >= len(id_to_rank) or id_to_rank[token] < 0:
+    if state < 0 or token < 0 or token >= len(id_to_rank):
         return state
+    if id_to_rank[token] < 0:
+        return VIOLATED if id_to_rank[token] == FORBIDDEN_SPECIAL else state
     offsets = _seg(blob, header, TOKEN_OFFSETS)
     token_bytes = _seg(blob, header, TOKEN_BYTES)
     byte_class = _seg(blob, header, BYTE_CLASS)
@@ -117,7 +126,11 @@ def next_state(blob, component, state, token):
 
 @numba.njit(cache=True)
 def mask_row(blob, component, state, row, ninf):
-    """Write ``ninf`` into every id ``component`` forbids from ``state`` (all non-EOS ids if VIOLATED)."""
+    """Write ``ninf`` into every id ``component`` forbids from ``state`` (all non-EOS ids if VIOLATED).
+
+    That is: the tokens whose bytes create a match, the special ids forbidden everywhere, and EOS
+    when ``state`` is inside an unfinished block.
+    """
     header = _header(blob, component)
     rank_to_id = _seg(blob, header, RANK_TO_ID)
     vocab = len(row)
@@ -151,6 +164,13 @@ def mask_row(blob, component, state, row, ninf):
     for k in range(forb_ptr[state], forb_ptr[state + 1]):
         for r in range(forb_lo[k], forb_hi[k]):
             token = rank_to_id[r]
+            if token < vocab:
+                row[token] = ninf
+    for token in _seg(blob, header, STATIC_FORBIDDEN):
+        if token < vocab:
+            row[token] = ninf
+    if _seg(blob, header, EOS_BLOCKED)[state] != 0:
+        for token in _seg(blob, header, EOS_IDS):
             if token < vocab:
                 row[token] = ninf
 

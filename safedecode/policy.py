@@ -1,8 +1,15 @@
 """Policies: what may never appear in the output, as data (pydantic models, TOML files).
 
-A policy is a list of forbidden rules. Each rule is either a literal phrase or a regex; its meaning
-is *exactly* ``regex.search(rule.pattern, text, rule.flags)`` (DESIGN §1) — :func:`find_violations`
-is that reference check, and the compiled automaton must agree with it on every text.
+A policy is a list of forbidden rules. A literal phrase or a regex means *exactly*
+``regex.search(rule.pattern, text, rule.flags)`` (DESIGN §1). A *block* rule (``open``, ``body``,
+``close``) is a positive constraint written as a forbidden one: once ``open`` appears, the text that
+follows must stay a prefix of ``body`` + ``close`` until that is complete (tool calls: only declared
+tools, schema-valid JSON); leaving that language is the violation, decided by the ``regex`` package's
+partial matching. :func:`find_violations` is the reference check, and the compiled automaton must
+agree with it on every text.
+
+``special_tokens = "forbid"`` additionally forbids every special/control token id of the vocabulary
+except EOS (the chat-format guard passes end-of-turn as an EOS id).
 
 Invariants:
   * a :class:`Policy` is immutable (frozen models, tuples), so it can be hashed and shared;
@@ -17,13 +24,15 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PolicyError, SafeDecodeError
-from .syntax import parse
+from .syntax import parse, uses_assertion
+
+ANCHORS = {"start", "end", "dollar", "word_boundary", "not_word_boundary"}
 
 
 class _RuleBase(BaseModel):
@@ -60,10 +69,37 @@ class RegexRule(_RuleBase):
         return self.regex
 
 
-Rule = Union[LiteralRule, RegexRule]
+class BlockRule(_RuleBase):
+    """After ``open``, the text must follow ``body`` (a regex) and then ``close`` (a literal).
+
+    The block ends at the first point where the text since ``open`` fully matches
+    ``(?:body)close``; the text is free again after it. A violation is the first character that
+    makes the text since ``open`` no longer a prefix of that language. An unfinished block also
+    makes EOS forbidden (the compiled automaton masks it unless nothing else is left), so a block
+    is either completed or cut by ``max_new_tokens``.
+    """
+
+    open: str = Field(min_length=1)
+    body: str = Field(min_length=1)
+    close: str = ""
+
+    @field_validator("ignore_case")
+    @classmethod
+    def _no_ignore_case(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("ignore_case is not supported on block rules; write the case variants into body")
+        return value
+
+    @property
+    def pattern(self) -> str:
+        """The language the text after ``open`` must follow, anchored (``\\A``)."""
+        return rf"\A(?:{self.body}){regex.escape(self.close)}"
 
 
-_RULE_KEYS = "literal | regex, ignore_case, whole_word (literal only), id"
+Rule = Union[LiteralRule, RegexRule, BlockRule]
+
+
+_RULE_KEYS = "literal | regex | open+body+close, ignore_case, whole_word (literal only), id"
 
 
 def _rule_label(index: int, raw: Any) -> str:
@@ -74,18 +110,19 @@ def _rule_label(index: int, raw: Any) -> str:
 
 def _build_rule(index: int, raw: Any) -> Rule:
     """One rule from a mapping, or a PolicyError naming the rule and the field."""
-    if isinstance(raw, (LiteralRule, RegexRule)):
+    if isinstance(raw, (LiteralRule, RegexRule, BlockRule)):
         return raw
     label = _rule_label(index, raw)
     if not isinstance(raw, dict):
         raise PolicyError(f"{label}: a rule must be a table/object, got {type(raw).__name__}")
-    has_literal, has_regex = "literal" in raw, "regex" in raw
-    if has_literal == has_regex:
-        which = "both 'literal' and 'regex'; give exactly one" if has_literal else \
-            "neither; a rule needs exactly one of 'literal' or 'regex'"
+    kinds = [key for key in ("literal", "regex", "body") if key in raw]
+    if len(kinds) != 1:
+        which = f"both {' and '.join(repr(k) for k in kinds)}; give exactly one" if kinds else \
+            "none of them; a rule needs exactly one of 'literal', 'regex' or 'body' (a block rule)"
         raise PolicyError(f"{label}: {which}")
+    model = {"literal": LiteralRule, "regex": RegexRule, "body": BlockRule}[kinds[0]]
     try:
-        return LiteralRule(**raw) if has_literal else RegexRule(**raw)
+        return model(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "rule"
@@ -97,6 +134,8 @@ def _describe(err: dict) -> str:
         return f"unknown key (allowed: {_RULE_KEYS})"
     if err["type"] == "string_too_short":
         return "must not be empty"
+    if err["type"] == "value_error":
+        return err["msg"].removeprefix("Value error, ")
     return f"{err['msg']} (got {err.get('input')!r})"
 
 
@@ -111,6 +150,7 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     forbid: tuple[Rule, ...] = ()
+    special_tokens: Literal["allow", "forbid"] = "allow"
 
     def __init__(self, **data: Any):
         try:
@@ -121,7 +161,10 @@ class Policy(BaseModel):
             if isinstance(inner, SafeDecodeError):
                 raise inner from None
             if err["type"] == "extra_forbidden":
-                raise PolicyError(f"unknown top-level key {err['loc'][0]!r}; expected 'forbid'") from None
+                raise PolicyError(f"unknown top-level key {err['loc'][0]!r}; expected 'forbid' or "
+                                  f"'special_tokens'") from None
+            if err["loc"] and err["loc"][0] == "special_tokens":
+                raise PolicyError(f"special_tokens: must be 'allow' or 'forbid', got {err.get('input')!r}") from None
             raise PolicyError(f"invalid policy: {err['msg']}") from None
 
     @field_validator("forbid", mode="before")
@@ -132,6 +175,9 @@ class Policy(BaseModel):
         built = tuple(_build_rule(i, raw) for i, raw in enumerate(rules))
         for i, rule in enumerate(built):  # refuse unsupported constructs now, naming rule and position
             parse(rule.pattern, ignore_case=rule.ignore_case, rule=_rule_label(i, rule))
+            if isinstance(rule, BlockRule) and uses_assertion(parse(rule.body, rule=_rule_label(i, rule)), ANCHORS):
+                raise PolicyError(f"{_rule_label(i, rule)}: field 'body': a block body may not use anchors or "
+                                  f"word boundaries (^ $ \\A \\Z \\b \\B)")
         return built
 
     def rule_ids(self) -> list[str]:
@@ -182,7 +228,41 @@ def find_violations(policy: Policy, text: str) -> list[Violation]:
     """Every non-overlapping match of every rule in ``text``, by the ``regex`` package (the oracle)."""
     found = []
     for rule_id, rule in zip(policy.rule_ids(), policy.forbid):
+        if isinstance(rule, BlockRule):
+            found.extend(_block_violations(rule_id, rule, text))
+            continue
         for match in regex.finditer(rule.pattern, text, rule.flags):
             found.append(Violation(rule_id, match.start(), match.end(), match.group()))
     found.sort(key=lambda v: (v.start, v.end, v.rule_id))
     return found
+
+
+def _block_scan(rule: BlockRule, text: str) -> tuple[str, int, int]:
+    """Scan the blocks of ``text``: ``("violated", open_at, end)``, ``("open", open_at, len)`` or
+    ``("ok", -1, -1)``, deciding the block language with the ``regex`` package (the oracle)."""
+    language = regex.compile(f"(?:{rule.body}){regex.escape(rule.close)}")
+    position = 0
+    while (opened := text.find(rule.open, position)) >= 0:
+        start = opened + len(rule.open)
+        for end in range(start, len(text) + 1):
+            if not language.fullmatch(text, start, end, partial=True):
+                return "violated", opened, end
+            if language.fullmatch(text, start, end):  # the shortest completion ends the block
+                position = end
+                break
+        else:
+            return "open", opened, len(text)
+    return "ok", -1, -1
+
+
+def _block_violations(rule_id: str, rule: BlockRule, text: str) -> list[Violation]:
+    status, start, end = _block_scan(rule, text)
+    return [Violation(rule_id, start, end, text[start:end])] if status == "violated" else []
+
+
+def open_block(policy: Policy, text: str) -> Optional[str]:
+    """The id of a block rule left unfinished at the end of ``text`` (EOS is forbidden there)."""
+    for rule_id, rule in zip(policy.rule_ids(), policy.forbid):
+        if isinstance(rule, BlockRule) and _block_scan(rule, text)[0] == "open":
+            return rule_id
+    return None

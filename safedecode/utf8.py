@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -37,6 +38,11 @@ class ByteDFA:
     end_accept: np.ndarray  # bool [n_states]
     start: int = 1
     char_states: int = 0    # states of the character-level DFA it was built from
+    eos_blocked: Optional[np.ndarray] = None  # bool [n_states]: ending the text here is refused
+
+    def eos_blocked_or_none(self) -> np.ndarray:
+        """``eos_blocked``, or all False."""
+        return self.eos_blocked if self.eos_blocked is not None else np.zeros(self.n_states, dtype=bool)
 
     @property
     def n_states(self) -> int:
@@ -174,7 +180,21 @@ class _ByteBuilder:
             state, key = self.pending.pop()
             self.rows[state] = self.intermediate_row(key)
         trans = np.vstack([self.base] + self.rows[self.n_char:]) if len(self.rows) > self.n_char else self.base
-        return ByteDFA(trans.astype(np.int32), np.array(self.end_accept, dtype=bool), char_states=self.n_char)
+        trans = trans.astype(np.int32)
+        return ByteDFA(trans, np.array(self.end_accept, dtype=bool), char_states=self.n_char,
+                       eos_blocked=self._eos_blocked(trans))
+
+    def _eos_blocked(self, trans: np.ndarray) -> Optional[np.ndarray]:
+        """Char states keep their flag; a state inside a UTF-8 sequence inherits its origins' flags
+        (an OR over the up to three bytes that lead to it: fail closed)."""
+        if self.dfa.eos_blocked is None:
+            return None
+        blocked = np.zeros(trans.shape[0], dtype=bool)
+        blocked[:self.n_char] = self.dfa.eos_blocked
+        for _ in range(3):
+            targets = trans[np.flatnonzero(blocked)].ravel()
+            blocked[targets[targets >= self.n_char]] = True
+        return blocked
 
 
 def to_bytes(dfa: CharDFA, max_states: int = 1_000_000) -> ByteDFA:

@@ -7,7 +7,9 @@ that builds the masks (the trie, the lock-step walks, the reference/override tab
   for every token state reachable from the empty output through allowed tokens, and for every
   token id, the mask forbids the token **iff** walking its bytes through the byte DFA from the
   corresponding DFA state reaches MATCH or ends where the text matches (DESIGN §1: no leak, no
-  over-blocking), and the state the kernel moves to is the one the DFA walk reaches.
+  over-blocking), and the state the kernel moves to is the one the DFA walk reaches. Special ids
+  are masked iff the policy forbids special tokens, EOS iff the DFA state is inside an unfinished
+  block.
 
 What the certificate proves: the masks and transitions of this compiled policy are exactly those
 of the policy's byte DFAs, for this vocabulary, in every reachable state.
@@ -24,7 +26,7 @@ import numba
 import numpy as np
 
 from . import __version__, kernels
-from .compiled import CompiledPolicy, _vocabulary_of, compile_policy, flat_token_bytes
+from .compiled import CompiledPolicy, _vocabulary_of, compile_policy, flat_token_bytes, forbidden_special_ids
 from .compiler import DEFAULT_MAX_STATES, compile_components
 from .errors import SafeDecodeError
 from .policy import Policy
@@ -71,6 +73,8 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
                                  f"compiles to {len(components)}", {"components": len(components)})
     flat, offsets = flat_token_bytes(vocabulary)
     size = vocabulary.size
+    static = forbidden_special_ids(policy, vocabulary)
+    eos = np.array(sorted(vocabulary.eos_ids), dtype=np.int64)
     forbidden = np.zeros(size, dtype=np.bool_)
     dest = np.zeros(size, dtype=np.int32)
     kernel_next = np.zeros(size, dtype=np.int32)
@@ -82,6 +86,7 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
         bar = tqdm(unit="state", desc="verify", leave=False)
     states_checked = 0
     for k, (dfa, members) in enumerate(components):
+        eos_blocked = dfa.eos_blocked_or_none()
         byte_state_of = {0: dfa.start}  # token state -> DFA state
         witness = {0: None}  # token state -> (previous state, token): a shortest-ish path to it
         queue = [0]
@@ -89,6 +94,8 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
             state = queue.pop(0)
             dfa_state = byte_state_of[state]
             _walk_every_token(dfa.trans, dfa.end_accept, dfa_state, flat, offsets, forbidden, dest)
+            forbidden[static] = True  # special ids the policy forbids everywhere
+            forbidden[eos] = eos_blocked[dfa_state]  # EOS only inside an unfinished block
             row[:] = 0
             kernels.mask_row(compiled.blob, k, state, row, np.int32(-1))
             masked = row == -1
