@@ -43,3 +43,8 @@ class AutomatonTooLargeError(SafeDecodeError):
 
 class VocabularyError(SafeDecodeError):
     """A tokenizer could not be turned into a token-id → bytes table."""
+
+
+class ChatFormatError(SafeDecodeError):
+    """A chat-format file is malformed, a format name is unknown, or a tokenizer's format cannot be
+    detected; the message names the file and field, or what was looked for and not found."""
