@@ -6,9 +6,13 @@ Public API (kept small and stable):
 * :func:`find_violations` — the reference check, by the ``regex`` package;
 * :func:`compile_policy` → :class:`CompiledPolicy` — a policy compiled against a tokenizer;
 * :class:`SafeLogitsProcessor` — the transformers ``LogitsProcessor`` enforcing it;
-* :func:`generate` → :class:`GenerationResult` — guarded generation in one call.
+* :func:`generate` → :class:`GenerationResult` — guarded generation in one call;
+* :class:`Conversation` — trusted/untrusted prompt building and its output guard
+  (``Conversation.guard``), :class:`FromTrusted` — tool arguments limited to trusted values;
+  :func:`load_chat_format` / :func:`detect_chat_format` — chat formats as data (``channels/``).
 """
-from .errors import AutomatonTooLargeError, PatternError, PolicyError, SafeDecodeError, VocabularyError
+from .errors import (AutomatonTooLargeError, ChatFormatError, PatternError, PolicyError, SafeDecodeError,
+                     VocabularyError)
 from .policy import Policy, Violation, find_violations, load_policy
 
 __version__ = "0.1.0"
@@ -19,6 +23,9 @@ _LAZY = {
     "CompiledPolicy": "compiled", "compile_policy": "compiled",
     "SafeLogitsProcessor": "processor",
     "generate": "generation", "GenerationResult": "generation",
+    "Conversation": "conversation", "Encoded": "conversation", "ContentRejected": "conversation",
+    "FromTrusted": "tools", "ToolCallError": "tools",
+    "ChatFormat": "chat_format", "load_chat_format": "chat_format", "detect_chat_format": "chat_format",
 }
 
 
@@ -40,6 +47,8 @@ __all__ = [
     "Policy", "load_policy", "find_violations", "Violation",
     "compile_policy", "CompiledPolicy",
     "SafeLogitsProcessor", "generate", "GenerationResult",
+    "Conversation", "Encoded", "ContentRejected", "FromTrusted", "ToolCallError",
+    "ChatFormat", "load_chat_format", "detect_chat_format", "ChatFormatError",
     "SafeDecodeError", "PolicyError", "PatternError", "AutomatonTooLargeError", "VocabularyError",
     "__version__",
 ]

@@ -9,15 +9,19 @@ token layer, kernels and verification treat it like any other component):
     character because of ``\\A``, so it is the anchored automaton, and entering one of its
     accepting states means "the block is complete" (the shortest completion ends the block, as in
     the oracle);
-  * entering the detector's accepting node moves to the language's start; the language's MATCH
-    moves back to the detector's root; a language state that can no longer reach its MATCH (the
-    text left the grammar) becomes the composite's MATCH — the violation.
+  * entering the detector's accepting node moves to the language's start; completing the language
+    moves back to the detector's root; a language state that can no longer complete (the text left
+    the grammar) becomes the composite's MATCH — the violation;
+  * with ``at_start`` the text must open with a block: the composite starts in the DFA of
+    ``\\A open (?:body) close`` (the *opening*) instead of the detector.
 
-Invariants of the result: state 0 is MATCH (absorbing, ``end_accept``), the detector's root is
-state 1, every language state is ``eos_blocked`` (an unfinished block may not end the text), and
-no other state has ``end_accept``.
+Invariants of the result: state 0 is MATCH (absorbing, ``end_accept``), state 1 is the start,
+every language/opening state is ``eos_blocked`` (an unfinished block may not end the text), and no
+other state has ``end_accept``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -29,8 +33,7 @@ def co_reachable(trans: np.ndarray, target: int = MATCH_STATE) -> np.ndarray:
     n = trans.shape[0]
     sources = np.repeat(np.arange(n), trans.shape[1])
     order = np.argsort(trans.ravel(), kind="stable")
-    targets_sorted = trans.ravel()[order]
-    bounds = np.searchsorted(targets_sorted, np.arange(n + 1))
+    bounds = np.searchsorted(trans.ravel()[order], np.arange(n + 1))
     live = np.zeros(n, dtype=bool)
     live[target] = True
     frontier = [target]
@@ -43,23 +46,38 @@ def co_reachable(trans: np.ndarray, target: int = MATCH_STATE) -> np.ndarray:
     return live
 
 
-def compose_block(detector: CharDFA, language: CharDFA) -> CharDFA:
-    """The composite character DFA (see the module docstring); both share one alphabet."""
-    n_detect, n_lang = detector.n_states, language.n_states
-    complete = language.end_accept  # without assertions in the body, "accepting" means "complete"
-    if (language.trans[complete] != MATCH_STATE).any():
-        raise ValueError("a block language must not depend on what follows its end")
-    live = co_reachable(language.trans)
-    # Language state l >= 1 becomes composite state l + offset; a dead one becomes MATCH.
-    offset = n_detect - 1
-    lang_map = np.where(live, np.arange(n_lang) + offset, MATCH_STATE).astype(np.int32)
-    lang_map[complete] = START_STATE  # complete: back to free text
-    trans = np.zeros((n_detect + n_lang - 1, detector.trans.shape[1]), dtype=np.int32)
+def compose_block(detector: CharDFA, language: CharDFA, opening: Optional[CharDFA] = None) -> CharDFA:
+    """The composite character DFA (see the module docstring); all parts share one alphabet.
+
+    Layout: MATCH, then the opening's states (if any, so its start is state 1), the detector's,
+    the language's — each part's state ``s >= 1`` at ``base + s``.
+    """
+    parts = ([opening] if opening is not None else []) + [detector, language]
+    bases = np.cumsum([0] + [p.n_states - 1 for p in parts])
+    detector_base, language_base = int(bases[-3]), int(bases[-2])
+    detector_root = detector_base + START_STATE
+    trans = np.zeros((int(bases[-1]) + 1, detector.trans.shape[1]), dtype=np.int32)
+    eos_blocked = np.zeros(len(trans), dtype=bool)
+    language_map = _grammar_map(language, language_base, detector_root)
     opened = detector.end_accept[detector.trans[1:]]  # entering an accepting node: ``open`` is complete
-    trans[1:n_detect] = np.where(opened, lang_map[START_STATE], detector.trans[1:])
-    trans[n_detect:] = lang_map[language.trans[1:]]
+    trans[detector_base + 1:language_base + 1] = np.where(opened, language_map[START_STATE], detector.trans[1:] + detector_base)
+    trans[language_base + 1:] = language_map[language.trans[1:]]
+    eos_blocked[language_base + 1:] = True
+    if opening is not None:
+        trans[1:detector_base + 1] = _grammar_map(opening, 0, detector_root)[opening.trans[1:]]
+        eos_blocked[1:detector_base + 1] = True
     end_accept = np.zeros(len(trans), dtype=bool)
     end_accept[MATCH_STATE] = True
-    eos_blocked = np.zeros(len(trans), dtype=bool)
-    eos_blocked[n_detect:] = True
     return CharDFA(trans, end_accept, detector.word_class, detector.alphabet, eos_blocked)
+
+
+def _grammar_map(grammar: CharDFA, base: int, detector_root: int) -> np.ndarray:
+    """Where each state of an anchored grammar DFA goes in the composite: complete → the
+    detector's root, unable to complete → MATCH, otherwise ``base + state``."""
+    complete = grammar.end_accept  # without assertions in the body, "accepting" means "complete"
+    if (grammar.trans[complete] != MATCH_STATE).any():
+        raise ValueError("a block language must not depend on what follows its end")
+    live = co_reachable(grammar.trans)
+    mapping = np.where(live, np.arange(grammar.n_states) + base, MATCH_STATE).astype(np.int32)
+    mapping[complete] = detector_root
+    return mapping

@@ -205,6 +205,27 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     return CompiledPolicy(policy, vocabulary, blob, stats)
 
 
+def combine(parts: list[CompiledPolicy]) -> CompiledPolicy:
+    """One compiled policy running ``parts`` side by side (the product of all their components).
+
+    Lets a request mix a cached part (the same for many requests) with a small per-request part
+    without recompiling either. All parts must share the vocabulary; the special-token setting
+    comes from the first part, and the others must not forbid special tokens themselves.
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        if part.vocabulary.digest() != first.vocabulary.digest():
+            raise ValueError("combine: the parts were compiled for different vocabularies")
+        if part.policy.special_tokens == "forbid" and first.policy.special_tokens != "forbid":
+            raise ValueError("combine: only the first part may forbid special tokens")
+    tables = [t for part in parts for t in kernels.unpack_tables(part.blob)]
+    policy = Policy(forbid=[rule for part in parts for rule in part.policy.forbid],
+                    special_tokens=first.policy.special_tokens)
+    stats = {"parts": [part.stats for part in parts], "components": len(tables),
+             "compile_seconds": round(sum(part.stats.get("compile_seconds", 0) for part in parts), 4)}
+    return CompiledPolicy(policy, first.vocabulary, kernels.pack_tables(tables), stats)
+
+
 def forbidden_special_ids(policy: Policy, vocabulary: Vocabulary) -> np.ndarray:
     """The special ids ``policy.special_tokens = "forbid"`` masks in every state: all but EOS."""
     if policy.special_tokens != "forbid":

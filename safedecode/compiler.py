@@ -82,9 +82,11 @@ def compile_block(rule: BlockRule, rule_id: str, max_states: int = DEFAULT_MAX_S
     """The byte DFA of a block rule: an ``open`` detector composed with the anchored body language."""
     opener = parse(regex.escape(rule.open), rule=rule_id)
     language = parse(rule.pattern, rule=rule_id)
-    context = _CharContext([opener, language])
+    opening = parse(rule.opening_pattern, rule=rule_id) if rule.at_start else None
+    context = _CharContext([opener, language] + ([opening] if opening else []))
     try:
-        dfa = compose_block(context.search_dfa([opener], max_states), context.search_dfa([language], max_states))
+        dfa = compose_block(context.search_dfa([opener], max_states), context.search_dfa([language], max_states),
+                            context.search_dfa([opening], max_states) if opening else None)
         return to_bytes(dfa, max_states=max_states)
     except AutomatonTooLargeError:
         raise _too_large(rule_id, max_states) from None

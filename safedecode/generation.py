@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 from transformers import LogitsProcessorList
 
-from .compiled import CompiledPolicy, _vocabulary_of
+from .compiled import CompiledPolicy
 from .policy import Policy, load_policy
 from .processor import SafeLogitsProcessor
 
@@ -29,6 +29,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS / end of turn), "length" (max_new_tokens) or "guard" (failed closed)
     extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list = field(default_factory=list)  # validated pydantic instances (Conversation + tools)
 
     def __str__(self) -> str:
         return self.text
@@ -67,14 +68,27 @@ def _as_policy(policy) -> Union[Policy, CompiledPolicy]:
     raise TypeError(f"policy must be a safedecode.Policy, a path to a TOML policy, or a dict; got {type(policy).__name__}")
 
 
-def generate(model, tokenizer, prompt_or_messages, policy, **generate_kwargs):
+def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, allow_hosts=(),
+             leak_window=None, tool_choice: str = "auto", **generate_kwargs):
     """Generate under ``policy``; returns a :class:`GenerationResult` (a list of them for a batch).
 
     ``prompt_or_messages``: a prompt string, a list of chat messages (rendered with the tokenizer's
-    chat template), or a list of either for a batch (left-padded). ``generate_kwargs`` go to
+    chat template), a list of either for a batch (left-padded), or a
+    :class:`~safedecode.Conversation` — then the conversation's guard runs (``policy``, ``tools``,
+    ``allow_hosts``, ``leak_window``, ``tool_choice``: see :meth:`Conversation.guard`) and the
+    result's ``tool_calls`` holds the validated calls. ``generate_kwargs`` go to
     ``model.generate`` (``max_new_tokens`` defaults to 128, decoding to greedy); a
     ``logits_processor`` list given there runs before the guard.
     """
+    from .conversation import Conversation
+
+    if isinstance(prompt_or_messages, Conversation):
+        return _generate_conversation(model, prompt_or_messages, policy, tools, allow_hosts, leak_window,
+                                      tool_choice, generate_kwargs)
+    if tools or allow_hosts or leak_window is not None or tool_choice != "auto":
+        raise TypeError("tools, allow_hosts, leak_window and tool_choice need a safedecode.Conversation prompt")
+    if policy is None:
+        raise TypeError("generate(model, tokenizer, prompt, policy): a policy is required for a plain prompt")
     prompts, batched = _as_batch(prompt_or_messages)
     processor = SafeLogitsProcessor(_as_policy(policy), tokenizer)
     texts = [_render(tokenizer, p) for p in prompts]
@@ -85,6 +99,34 @@ def generate(model, tokenizer, prompt_or_messages, policy, **generate_kwargs):
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
     finally:
         tokenizer.padding_side = padding_side
+    results = _run(model, tokenizer, encoded, processor, generate_kwargs)
+    return results if batched or generate_kwargs.get("num_return_sequences", 1) > 1 else results[0]
+
+
+def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak_window, tool_choice, kwargs):
+    """One guarded generation for a Conversation, with its tool calls parsed and validated."""
+    from .tools import declare_tools, parse_tool_calls
+
+    policy = _as_policy(policy) if policy is not None else None
+    if isinstance(policy, CompiledPolicy):
+        policy = policy.policy
+    encoded = conversation.encode(tools)
+    processor = conversation.guard(policy=policy, tools=tools, allow_hosts=allow_hosts,
+                                   leak_window=leak_window, tool_choice=tool_choice)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("eos_token_id", list(processor.compiled.eos_ids))
+    ids = torch.tensor([encoded.input_ids])
+    (result,) = _run(model, conversation.tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                     processor, kwargs)
+    fmt = conversation.format
+    result.tool_calls = parse_tool_calls(result.text, declare_tools(tools), fmt.tool_call_open, fmt.tool_call_close,
+                                         fmt.tool_call_arguments_key) if tools else []
+    return result
+
+
+def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwargs) -> list:
+    """``model.generate`` with ``processor`` last; one result per row (grouped per prompt when
+    ``num_return_sequences`` > 1)."""
     device = getattr(model, "device", torch.device("cpu"))
     encoded = {k: v.to(device) for k, v in encoded.items()}
     kwargs = dict(generate_kwargs)
@@ -97,7 +139,7 @@ def generate(model, tokenizer, prompt_or_messages, policy, **generate_kwargs):
     with torch.no_grad():
         output = model.generate(**encoded, logits_processor=processors, **kwargs)
     prompt_length = encoded["input_ids"].shape[1]
-    vocabulary = _vocabulary_of(tokenizer)
+    vocabulary = processor.compiled.vocabulary
     num_return = kwargs.get("num_return_sequences", 1)
     states = processor.states
     results = []
@@ -106,7 +148,7 @@ def generate(model, tokenizer, prompt_or_messages, policy, **generate_kwargs):
                                guard_failed=row < len(states) and min(states[row]) < 0))
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]
-    return results if batched or num_return > 1 else results[0]
+    return results
 
 
 def _result(sequence: list[int], vocabulary, max_new_tokens: int, guard_failed: bool) -> GenerationResult:

@@ -64,6 +64,16 @@ def pack_tables(components: list[dict[str, np.ndarray]]) -> np.ndarray:
     return blob
 
 
+def unpack_tables(blob: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The inverse of :func:`pack_tables`: each component's named tables (views into ``blob``)."""
+    width = int(blob[1])
+    tables = []
+    for k in range(int(blob[0])):
+        header = blob[HEADER_START + k * width:HEADER_START + (k + 1) * width]
+        tables.append({name: blob[header[2 * j]:header[2 * j + 1]] for j, name in enumerate(SEGMENTS)})
+    return tables
+
+
 def n_components(blob: np.ndarray) -> int:
     return int(blob[0])
 

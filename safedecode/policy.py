@@ -82,6 +82,7 @@ class BlockRule(_RuleBase):
     open: str = Field(min_length=1)
     body: str = Field(min_length=1)
     close: str = ""
+    at_start: bool = False  # the text must begin with a block (e.g. tool_choice="required")
 
     @field_validator("ignore_case")
     @classmethod
@@ -94,6 +95,11 @@ class BlockRule(_RuleBase):
     def pattern(self) -> str:
         """The language the text after ``open`` must follow, anchored (``\\A``)."""
         return rf"\A(?:{self.body}){regex.escape(self.close)}"
+
+    @property
+    def opening_pattern(self) -> str:
+        """With ``at_start``: the language the whole text must begin with."""
+        return rf"\A{regex.escape(self.open)}(?:{self.body}){regex.escape(self.close)}"
 
 
 Rule = Union[LiteralRule, RegexRule, BlockRule]
@@ -242,7 +248,14 @@ def _block_scan(rule: BlockRule, text: str) -> tuple[str, int, int]:
     ``("ok", -1, -1)``, deciding the block language with the ``regex`` package (the oracle)."""
     language = regex.compile(f"(?:{rule.body}){regex.escape(rule.close)}")
     position = 0
-    while (opened := text.find(rule.open, position)) >= 0:
+    if rule.at_start:
+        prefix = text[:len(rule.open)]
+        if not rule.open.startswith(prefix):
+            end = next(i for i, (a, b) in enumerate(zip(prefix, rule.open)) if a != b) + 1
+            return "violated", 0, end
+        if len(prefix) < len(rule.open):
+            return "open", 0, len(text)
+    while (opened := 0 if rule.at_start and position == 0 else text.find(rule.open, position)) >= 0:
         start = opened + len(rule.open)
         for end in range(start, len(text) + 1):
             if not language.fullmatch(text, start, end, partial=True):

@@ -181,8 +181,26 @@ class _ByteBuilder:
             self.rows[state] = self.intermediate_row(key)
         trans = np.vstack([self.base] + self.rows[self.n_char:]) if len(self.rows) > self.n_char else self.base
         trans = trans.astype(np.int32)
+        if self.dfa.eos_blocked is not None:
+            self._doom_dead_ends(trans)
         return ByteDFA(trans, np.array(self.end_accept, dtype=bool), char_states=self.n_char,
                        eos_blocked=self._eos_blocked(trans))
+
+    def _doom_dead_ends(self, trans: np.ndarray) -> None:
+        """Grammar components only: a state inside a UTF-8 sequence whose every completion reaches
+        MATCH is MATCH already (in place).
+
+        In a "does not contain" automaton the text can always stop, so an incomplete character is
+        harmless. Inside a block (a positive grammar, EOS masked) it is a dead end: after ``<t``
+        where only ``o`` may follow, a lead byte of a multi-byte character can never be completed.
+        Up to three passes: the longest sequence has three continuation bytes.
+        """
+        for _ in range(3):
+            inner = trans[self.n_char:]
+            doomed = np.flatnonzero((inner == MATCH_STATE).all(axis=1)) + self.n_char
+            if not len(doomed):
+                return
+            trans[np.isin(trans, doomed)] = MATCH_STATE
 
     def _eos_blocked(self, trans: np.ndarray) -> Optional[np.ndarray]:
         """Char states keep their flag; a state inside a UTF-8 sequence inherits its origins' flags

@@ -1,0 +1,109 @@
+"""The output guard of a :class:`~safedecode.conversation.Conversation`: one logits processor.
+
+``Conversation.guard(...)`` compiles, with the same engine and the same exactness, the product of:
+
+  * **control tokens**: every special id except EOS and end-of-turn is masked in every state, and
+    their text (``<|im_start|>`` written with ordinary tokens) is a forbidden phrase, as are the
+    tool-result tags (the output cannot fake a tool response);
+  * **delimiters and nonce**: the content delimiter markers and the request's nonce;
+  * **system-prompt leaks**: every ``leak_window``-character span of the system text (so no span of
+    that length or more can be copied verbatim); default :data:`DEFAULT_LEAK_WINDOW`;
+  * **links**: URLs, markdown links/images and autolinks only to ``allow_hosts``
+    (:mod:`safedecode.exfil`);
+  * **tool calls**: with ``tools``, a call must name a declared tool with schema-valid arguments
+    (:mod:`safedecode.tools`, a block rule); without tools the tool-call tag itself is forbidden;
+    ``tool_choice="required"`` makes the output start with a call, ``"none"`` forbids calls;
+  * everything the user's ``policy`` forbids.
+
+The request-independent rules form one policy that is compiled once and cached (memory and
+disk); the nonce and the system-prompt spans form a small per-request policy. The two run side by
+side (:func:`safedecode.compiled.combine`).
+
+Why 24 characters: long enough that common phrasing shared with a system prompt ("you are a
+helpful assistant" has 27 characters, but an answer rarely repeats it whole) passes, short enough
+that any sentence-length copy — or a secret of 24+ characters — cannot leave. Lower it for prompts
+holding short secrets (a 10-character password needs ``leak_window <= 10``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+from .compiled import _vocabulary_of, combine, compile_policy
+from .conversation import DELIMITER_MARKERS
+from .errors import PolicyError
+from .exfil import exfiltration_rules
+from .policy import Policy
+from .processor import SafeLogitsProcessor
+from .tools import ToolError, declare_tools, tool_call_regex
+
+DEFAULT_LEAK_WINDOW = 24
+TOOL_CHOICES = ("auto", "required", "none")
+
+
+def guard_vocabulary(conversation):
+    """The tokenizer's vocabulary with the format's end-of-turn token counted as EOS."""
+    vocabulary = _vocabulary_of(conversation.tokenizer)
+    end_of_turn = conversation.tokenizer.convert_tokens_to_ids(conversation.format.end_of_turn)
+    if not isinstance(end_of_turn, int) or end_of_turn in vocabulary.eos_ids or end_of_turn >= vocabulary.size:
+        return vocabulary
+    return dataclasses.replace(vocabulary, eos_ids=vocabulary.eos_ids | {end_of_turn})
+
+
+def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: Iterable[str],
+                  tool_choice: str) -> Policy:
+    """The request-independent part of the guard (cacheable)."""
+    fmt = conversation.format
+    texts = set(fmt.control_tokens) | {fmt.tool_result_open.strip(), fmt.tool_result_close.strip()}
+    rules = [{"id": "channel:control-text", "literal": t} for t in sorted(texts) if t]
+    rules += [{"id": "channel:delimiter", "literal": marker} for marker in DELIMITER_MARKERS]
+    rules += exfiltration_rules(allow_hosts)
+    rules += _tool_rules(conversation, tools, tool_choice)
+    rules += list(policy.forbid) if policy is not None else []
+    return Policy(forbid=rules, special_tokens="forbid")
+
+
+def request_policy(conversation, nonce: str, leak_window: int) -> Policy:
+    """The per-request part: the nonce and every ``leak_window``-character span of the system text."""
+    system = conversation.system_text
+    spans = sorted({system[i:i + leak_window] for i in range(len(system) - leak_window + 1)})
+    rules = [{"id": "channel:nonce", "literal": nonce}]
+    rules += [{"id": "channel:system-leak", "literal": span} for span in spans if span.strip()]
+    return Policy(forbid=rules)
+
+
+def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
+    fmt = conversation.format
+    declared = declare_tools(tools)
+    open_tag, close_tag = fmt.tool_call_open.strip(), fmt.tool_call_close.strip()
+    if any(token in open_tag for token in fmt.control_tokens):
+        if declared:
+            raise ToolError(f"chat format {fmt.name!r} opens a tool call with a control token ({open_tag!r}); "
+                            f"guarded tool calls need a format whose tool-call tags are text (e.g. chatml)")
+        return []  # the control token itself is masked: no call can start
+    if tool_choice not in TOOL_CHOICES:
+        raise PolicyError(f"tool_choice={tool_choice!r}: expected one of {TOOL_CHOICES}")
+    if not declared or tool_choice == "none":
+        return [{"id": "tool:undeclared", "literal": open_tag}]
+    body = tool_call_regex(declared, conversation.trusted_text, fmt.tool_call_arguments_key)
+    return [{"id": "tool:call", "open": open_tag, "body": rf"[ \n]?(?:{body})[ \n]?", "close": close_tag,
+             "at_start": tool_choice == "required"}]
+
+
+def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
+                leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto") -> SafeLogitsProcessor:
+    """The guard processor for ``conversation``'s current encoding (encoded now if needed)."""
+    if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
+        raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
+    if policy is not None and not isinstance(policy, Policy):
+        raise PolicyError(f"policy must be a safedecode.Policy or None, got {type(policy).__name__}")
+    if conversation.encoded is None:
+        conversation.encode(tools)
+    vocabulary = guard_vocabulary(conversation)
+    fixed = compile_policy(static_policy(conversation, policy, tools, allow_hosts, tool_choice), vocabulary)
+    per_request = compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window),
+                                 vocabulary, cache_dir=False)
+    return SafeLogitsProcessor(combine([fixed, per_request]))
+
+
+__all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "static_policy", "request_policy", "guard_vocabulary"]
