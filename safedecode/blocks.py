@@ -62,10 +62,11 @@ def compose_block(detector: CharDFA, language: CharDFA, opening: Optional[CharDF
     opened = detector.end_accept[detector.trans[1:]]  # entering an accepting node: ``open`` is complete
     trans[detector_base + 1:language_base + 1] = np.where(opened, language_map[START_STATE], detector.trans[1:] + detector_base)
     trans[language_base + 1:] = language_map[language.trans[1:]]
-    eos_blocked[language_base + 1:] = True
+    eos_blocked[language_map[language_map > detector_root]] = True  # the states a grammar keeps
     if opening is not None:
-        trans[1:detector_base + 1] = _grammar_map(opening, 0, detector_root)[opening.trans[1:]]
-        eos_blocked[1:detector_base + 1] = True
+        opening_map = _grammar_map(opening, 0, detector_root)
+        trans[1:detector_base + 1] = opening_map[opening.trans[1:]]
+        eos_blocked[opening_map[(opening_map > 0) & (opening_map != detector_root)]] = True
     end_accept = np.zeros(len(trans), dtype=bool)
     end_accept[MATCH_STATE] = True
     return CharDFA(trans, end_accept, detector.word_class, detector.alphabet, eos_blocked)

@@ -11,8 +11,8 @@ import regex
 
 from . import charsets
 from .aho_corasick import phrase_dfa, plain_phrase
-from .blocks import compose_block
-from .dfa import CharDFA, determinize
+from .blocks import co_reachable, compose_block
+from .dfa import START_STATE, CharDFA, determinize
 from .errors import AutomatonTooLargeError, PolicyError
 from .nfa import build_nfa
 from .policy import BlockRule, LiteralRule, Policy, RegexRule
@@ -35,7 +35,7 @@ def _char_specs(node: Node, out: list) -> None:
 
 
 class _CharContext:
-    """The alphabet shared by a set of parsed patterns: classes of their character sets, \w and \n."""
+    """The alphabet shared by a set of parsed patterns: classes of their character sets, word and newline."""
 
     def __init__(self, nodes: list[Node]):
         specs: list = []
@@ -85,7 +85,11 @@ def compile_block(rule: BlockRule, rule_id: str, max_states: int = DEFAULT_MAX_S
     opening = parse(rule.opening_pattern, rule=rule_id) if rule.at_start else None
     context = _CharContext([opener, language] + ([opening] if opening else []))
     try:
-        dfa = compose_block(context.search_dfa([opener], max_states), context.search_dfa([language], max_states),
+        grammar = context.search_dfa([language], max_states)
+        if not co_reachable(grammar.trans)[START_STATE]:
+            raise PolicyError(f"rule {rule_id}: the block's body and close match no text at all "
+                              f"(forbid the opening tag as a literal instead)")
+        dfa = compose_block(context.search_dfa([opener], max_states), grammar,
                             context.search_dfa([opening], max_states) if opening else None)
         return to_bytes(dfa, max_states=max_states)
     except AutomatonTooLargeError:

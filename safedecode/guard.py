@@ -83,9 +83,12 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
         return []  # the control token itself is masked: no call can start
     if tool_choice not in TOOL_CHOICES:
         raise PolicyError(f"tool_choice={tool_choice!r}: expected one of {TOOL_CHOICES}")
-    if not declared or tool_choice == "none":
-        return [{"id": "tool:undeclared", "literal": open_tag}]
-    body = tool_call_regex(declared, conversation.trusted_text, fmt.tool_call_arguments_key)
+    body = tool_call_regex(declared, conversation.trusted_text, fmt.tool_call_arguments_key) if declared else None
+    if body is None or tool_choice == "none":  # no tool may (or can) be called: the tag itself is forbidden
+        if tool_choice == "required":
+            raise ToolError("tool_choice='required' but no tool can be called (no tools, or a required "
+                            "FromTrusted field has no value in the trusted text)")
+        return [{"id": "tool:none", "literal": open_tag}]
     return [{"id": "tool:call", "open": open_tag, "body": rf"[ \n]?(?:{body})[ \n]?", "close": close_tag,
              "at_start": tool_choice == "required"}]
 

@@ -89,11 +89,9 @@ def arguments_schema(tool: type[BaseModel], trusted_text: str) -> Optional[dict]
     return schema
 
 
-def tool_call_regex(tools: dict[str, type[BaseModel]], trusted_text: str, arguments_key: str = "arguments") -> str:
-    """The regex of one call ``{"name": <declared tool>, "<arguments_key>": <valid arguments>}``.
-
-    A pattern that matches nothing (``[^\\s\\S]``) when no tool can be called.
-    """
+def tool_call_regex(tools: dict[str, type[BaseModel]], trusted_text: str, arguments_key: str = "arguments") -> Optional[str]:
+    """The regex of one call ``{"name": <declared tool>, "<arguments_key>": <valid arguments>}``,
+    or None when no tool can be called (a required FromTrusted field has no trusted value)."""
     from outlines_core.json_schema import build_regex_from_schema
 
     alternatives = []
@@ -109,7 +107,7 @@ def tool_call_regex(tools: dict[str, type[BaseModel]], trusted_text: str, argume
         except Exception as exc:  # outlines-core raises its own error types
             raise ToolError(f"tool {name!r}: its schema cannot be turned into a grammar: {exc}") from None
         alternatives.append(pattern.replace(_OUTLINES_ESCAPES, _ALLOWED_ESCAPES))
-    return "|".join(f"(?:{a})" for a in alternatives) if alternatives else r"[^\s\S]"
+    return "|".join(f"(?:{a})" for a in alternatives) if alternatives else None
 
 
 def describe_tools(tools: dict[str, type[BaseModel]], trusted_text: str, open_tag: str, close_tag: str,

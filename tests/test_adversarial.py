@@ -76,10 +76,22 @@ class Adversary:
         return self.tokens_extending(target[overlap:]) or self.tokens_extending(target)
 
 
-def drive(tokenizer, steps=60, seed=0, check_sample=1500, policy=POLICY, targets=TARGETS):
+def drive(tokenizer, steps=60, seed=0, check_sample=1500, policy=POLICY, targets=TARGETS, *, processor=None,
+          violation=None, eos_masked=None, exact=None):
+    """Run the adversary for ``steps``; returns (wanted tokens blocked, generated ids, processor).
+
+    By default the processor is ``SafeLogitsProcessor(policy)`` and the oracle ``violates``. A
+    guard passes its own ``processor``, ``violation(data)`` oracle, ``eos_masked(data)`` (whether
+    EOS must be masked after ``data``) and ``exact(data)`` (False where only safety, not
+    exactness, is checked for a candidate text).
+    """
     rng = random.Random(seed)
-    vocab = _vocabulary_of(tokenizer)
-    processor = SafeLogitsProcessor(policy, tokenizer)
+    vocab = processor.compiled.vocabulary if processor is not None else _vocabulary_of(tokenizer)
+    processor = processor or SafeLogitsProcessor(policy, tokenizer)
+    violation = violation or (lambda data: violates(data, policy))
+    eos_masked = eos_masked or (lambda data: False)
+    exact = exact or (lambda data: True)
+    special = vocab.special_ids - vocab.eos_ids if processor.compiled.policy.special_tokens == "forbid" else set()
     adversary = Adversary(vocab, rng)
     text_ids = [i for i, b in enumerate(vocab.token_bytes) if b]
     prompt = [text_ids[0]]
@@ -97,20 +109,22 @@ def drive(tokenizer, steps=60, seed=0, check_sample=1500, policy=POLICY, targets
         input_ids = torch.tensor([prompt + generated], dtype=torch.long)
         out = processor(input_ids, scores.clone())
         masked = set(np.flatnonzero(torch.isneginf(out[0]).numpy()).tolist())
-        assert not masked & vocab.eos_ids, "EOS must never be masked by the policy"
-        masked_list = sorted(masked)
+        assert bool(masked & vocab.eos_ids) == eos_masked(data), f"EOS masking is wrong after {data!r}"
+        assert special <= masked, "a forbidden special token was left allowed"
+        masked_list = sorted(masked - special - vocab.eos_ids)
         for token in rng.sample(masked_list, min(len(masked_list), check_sample)):
-            assert violates(data + vocab.token_bytes[token], policy), (
+            candidate = data + vocab.token_bytes[token]
+            assert violation(candidate) or not exact(candidate), (
                 f"over-blocking: {vocab.token_bytes[token]!r} after {data!r} is safe but masked")
         unmasked_sample = set(rng.sample(text_ids, min(len(text_ids), check_sample))) | set(wanted)
         for token in unmasked_sample - masked:
-            assert not violates(data + vocab.token_bytes[token], policy), (
+            assert not violation(data + vocab.token_bytes[token]), (
                 f"leak: {vocab.token_bytes[token]!r} after {data!r} creates a match but is allowed")
         blocked_wanted += len(set(wanted) & masked)
         choice = int(torch.argmax(out[0]))
         generated.append(choice)
         data += vocab.token_bytes[choice] or b""
-        assert not violates(data, policy), f"unsafe text after step {step}: {text_of(data)!r}"
+        assert not violation(data), f"unsafe text after step {step}: {text_of(data)!r}"
         if len(data) > 70:  # keep texts short so the oracle stays fast; a new generation starts
             processor.reset()
             generated, data = [], b""
