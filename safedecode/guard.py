@@ -12,7 +12,8 @@
     (:mod:`safedecode.exfil`);
   * **tool calls**: with ``tools``, a call must name a declared tool with schema-valid arguments
     (:mod:`safedecode.tools`, a block rule); without tools the tool-call tag itself is forbidden;
-    ``tool_choice="required"`` makes the output start with a call, ``"none"`` forbids calls;
+    ``tool_choice="required"`` makes the output one or more calls and nothing else, ``"none"``
+    forbids calls;
   * everything the user's ``policy`` forbids.
 
 The request-independent rules form one policy that is compiled once and cached (memory and
@@ -29,10 +30,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional
 
+import regex
+
 from .compiled import _vocabulary_of, combine, compile_policy
 from .conversation import DELIMITER_MARKERS
 from .errors import PolicyError
 from .exfil import exfiltration_rules
+from .negation import departure_regex
 from .policy import Policy
 from .processor import SafeLogitsProcessor
 from .tools import ToolError, declare_tools, tool_call_regex
@@ -89,8 +93,12 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
             raise ToolError("tool_choice='required' but no tool can be called (no tools, or a required "
                             "FromTrusted field has no value in the trusted text)")
         return [{"id": "tool:none", "literal": open_tag}]
-    return [{"id": "tool:call", "open": open_tag, "body": rf"[ \n]?(?:{body})[ \n]?", "close": close_tag,
-             "at_start": tool_choice == "required"}]
+    rules = [{"id": "tool:call", "open": open_tag, "body": rf"[ \n]?(?:{body})[ \n]?", "close": close_tag,
+              "at_start": tool_choice == "required"}]
+    if tool_choice == "required" and close_tag:  # calls only: after a call, another call or the end
+        after = departure_regex([(open_tag, None), ("\n" + open_tag, None)])
+        rules.append({"id": "tool:only-calls", "regex": regex.escape(close_tag) + after})
+    return rules
 
 
 def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
