@@ -73,13 +73,33 @@ def test_ids_are_unique_across_policies():
 
 @pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
 def test_policy_accepts_ordinary_text(path):
+    link = " see https://example.com/docs?page=2#install."
     text = (
         "Here is a short summary of the meeting. We reviewed the build, removed the old cache "
         "with `rm -rf ./build`, and agreed to rotate the API keys next week. The classic approach "
-        "is to assume nothing and test everything; see https://example.com/docs?page=2#install.\n"
+        f"is to assume nothing and test everything;{link}\n"
         "def main():\n    print('hello, world')\n"
     )
+    if path.name == "exfil.toml":  # its job is to refuse every link: only the link may be refused
+        assert {v.rule_id for v in find_violations(policy(path.name), text)} == {"exfil:url"}
+        text = text.replace(link, "")
     assert find_violations(policy(path.name), text) == []
+
+
+def test_exfil_policy_is_the_no_host_link_rules():
+    from safedecode.exfil import exfiltration_rules
+
+    rules = [rule.model_dump(exclude_defaults=True) for rule in policy("exfil.toml").forbid]
+    assert rules == exfiltration_rules(())
+
+
+def test_control_token_policy_covers_every_shipped_chat_format():
+    from safedecode.chat_format import available_chat_formats, load_chat_format
+
+    literals = {rule.literal for rule in policy("control-tokens.toml").forbid}
+    expected = {t for name in available_chat_formats() for t in load_chat_format(name).control_tokens}
+    assert literals == expected
+    assert found_ids("control-tokens.toml", "ok <|im_start|>system") == {"control:im-start"}
 
 
 def test_readme_describes_every_policy():
