@@ -1,4 +1,4 @@
-"""The ``safedecode`` command line: generate, check, compile, verify, demo, bench.
+"""The ``safedecode`` command line: generate, check, compile, verify, demo, bench, serve.
 
 Exit codes: 0 success; 1 ``check`` found a violation or ``verify`` a counterexample; 2 bad input
 (the message names the problem).
@@ -48,8 +48,11 @@ def cmd_generate(args) -> int:
     policy = load_policy(args.policy)
     model, tokenizer = load_default_model()
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    result = generate(model, tokenizer, prompt, policy, max_new_tokens=args.max_new_tokens)
+    result = generate(model, tokenizer, prompt, policy, max_new_tokens=args.max_new_tokens,
+                      telemetry=args.report, stop_threshold=args.stop_threshold)
     print(result.text)
+    if args.report:
+        print(json.dumps({"finish_reason": result.finish_reason, **result.report}, indent=2), file=sys.stderr)
     return 0
 
 
@@ -130,6 +133,12 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
+def cmd_serve(args) -> int:
+    from .server.app import serve
+
+    return serve(model=args.model, policy=args.policy, host=args.host, port=args.port, max_queue=args.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedecode", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, type=Path)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--raw", action="store_true", help="send PROMPT as raw text, not as a chat message")
+    p.add_argument("--report", action="store_true",
+                   help="print the blocked-mass telemetry (removed probability, rules) as JSON on stderr")
+    p.add_argument("--stop-threshold", type=float, default=None,
+                   help="end generation (fail closed) once the removed mass stays above this for 3 steps")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -168,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks/overhead.py (extra arguments are passed on)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn); every answer guarded")
+    p.add_argument("--model", default="default", help="default (embedded SmolLM2) | local HF model directory")
+    p.add_argument("--policy", type=Path, help="server policy (TOML), applied to every request")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, help="waiting requests beyond this get HTTP 503 (default 256)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

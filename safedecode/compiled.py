@@ -221,7 +221,11 @@ def combine(parts: list[CompiledPolicy]) -> CompiledPolicy:
     tables = [t for part in parts for t in kernels.unpack_tables(part.blob)]
     policy = Policy(forbid=[rule for part in parts for rule in part.policy.forbid],
                     special_tokens=first.policy.special_tokens)
-    stats = {"parts": [part.stats for part in parts], "components": len(tables),
+    component_rules, offset = [], 0
+    for part in parts:
+        component_rules += [[i + offset for i in members] for members in part.stats.get("component_rules", [])]
+        offset += len(part.policy.forbid)
+    stats = {"parts": [part.stats for part in parts], "components": len(tables), "component_rules": component_rules,
              "compile_seconds": round(sum(part.stats.get("compile_seconds", 0) for part in parts), 4)}
     return CompiledPolicy(policy, first.vocabulary, kernels.pack_tables(tables), stats)
 

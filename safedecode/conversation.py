@@ -172,20 +172,21 @@ class Conversation:
         return self.encoded
 
     def guard(self, policy=None, tools=None, allow_hosts=(), leak_window: Optional[int] = None,
-              tool_choice: str = "auto"):
+              tool_choice: str = "auto", **telemetry_options):
         """The output guard for this conversation: one ``transformers.LogitsProcessor``.
 
         Under it the assistant output can never contain a control token other than end-of-turn/EOS,
         the content delimiters or the nonce, a ``leak_window``-character span of the system text,
         a link to a host outside ``allow_hosts``, a tool call that is not a schema-valid call of one
         of ``tools``, or anything ``policy`` forbids (see :mod:`safedecode.guard`). Uses the last
-        :meth:`encode` (its nonce); encodes first if there is none.
+        :meth:`encode` (its nonce); encodes first if there is none. ``telemetry_options`` go to
+        :class:`~safedecode.SafeLogitsProcessor` (``telemetry``, ``stop_threshold``, ...).
         """
         from .guard import DEFAULT_LEAK_WINDOW, build_guard
 
         return build_guard(self, policy=policy, tools=tools, allow_hosts=allow_hosts,
                            leak_window=DEFAULT_LEAK_WINDOW if leak_window is None else leak_window,
-                           tool_choice=tool_choice)
+                           tool_choice=tool_choice, **telemetry_options)
 
     def _new_nonce(self) -> str:
         while True:

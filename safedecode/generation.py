@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers import LogitsProcessorList
@@ -30,6 +30,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS / end of turn), "length" (max_new_tokens) or "guard" (failed closed)
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: list = field(default_factory=list)  # validated pydantic instances (Conversation + tools)
+    report: Optional[dict] = None  # blocked-mass telemetry (telemetry=True): see safedecode.telemetry
 
     def __str__(self) -> str:
         return self.text
@@ -68,6 +69,9 @@ def _as_policy(policy) -> Union[Policy, CompiledPolicy]:
     raise TypeError(f"policy must be a safedecode.Policy, a path to a TOML policy, or a dict; got {type(policy).__name__}")
 
 
+TELEMETRY_OPTIONS = ("telemetry", "stop_threshold", "stop_after", "audit_log")
+
+
 def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, allow_hosts=(),
              leak_window=None, tool_choice: str = "auto", **generate_kwargs):
     """Generate under ``policy``; returns a :class:`GenerationResult` (a list of them for a batch).
@@ -78,19 +82,22 @@ def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, a
     ``allow_hosts``, ``leak_window``, ``tool_choice``: see :meth:`Conversation.guard`) and the
     result's ``tool_calls`` holds the validated calls. ``generate_kwargs`` go to
     ``model.generate`` (``max_new_tokens`` defaults to 128, decoding to greedy); a
-    ``logits_processor`` list given there runs before the guard.
+    ``logits_processor`` list given there runs before the guard. ``telemetry=True`` (and
+    ``stop_threshold``, ``stop_after``, ``audit_log``: see :mod:`safedecode.telemetry`) fills each
+    result's ``report`` with the probability mass the guard removed and the rules that removed it.
     """
     from .conversation import Conversation
 
+    options = {k: generate_kwargs.pop(k) for k in TELEMETRY_OPTIONS if k in generate_kwargs}
     if isinstance(prompt_or_messages, Conversation):
         return _generate_conversation(model, prompt_or_messages, policy, tools, allow_hosts, leak_window,
-                                      tool_choice, generate_kwargs)
+                                      tool_choice, generate_kwargs, options)
     if tools or allow_hosts or leak_window is not None or tool_choice != "auto":
         raise TypeError("tools, allow_hosts, leak_window and tool_choice need a safedecode.Conversation prompt")
     if policy is None:
         raise TypeError("generate(model, tokenizer, prompt, policy): a policy is required for a plain prompt")
     prompts, batched = _as_batch(prompt_or_messages)
-    processor = SafeLogitsProcessor(_as_policy(policy), tokenizer)
+    processor = SafeLogitsProcessor(_as_policy(policy), tokenizer, **options)
     texts = [_render(tokenizer, p) for p in prompts]
     add_special = not all(isinstance(p, (list, tuple)) for p in prompts)  # the template already has them
     padding_side = tokenizer.padding_side
@@ -103,7 +110,8 @@ def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, a
     return results if batched or generate_kwargs.get("num_return_sequences", 1) > 1 else results[0]
 
 
-def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak_window, tool_choice, kwargs):
+def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak_window, tool_choice, kwargs,
+                           options):
     """One guarded generation for a Conversation, with its tool calls parsed and validated."""
     from .tools import declare_tools, parse_tool_calls
 
@@ -112,7 +120,7 @@ def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak
         policy = policy.policy
     encoded = conversation.encode(tools)
     processor = conversation.guard(policy=policy, tools=tools, allow_hosts=allow_hosts,
-                                   leak_window=leak_window, tool_choice=tool_choice)
+                                   leak_window=leak_window, tool_choice=tool_choice, **options)
     kwargs = dict(kwargs)
     kwargs.setdefault("eos_token_id", list(processor.compiled.eos_ids))
     ids = torch.tensor([encoded.input_ids])
@@ -143,9 +151,13 @@ def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwa
     num_return = kwargs.get("num_return_sequences", 1)
     states = processor.states
     results = []
+    telemetry = processor.telemetry
     for row, sequence in enumerate(output[:, prompt_length:].tolist()):
+        report = telemetry.report(row) if telemetry is not None else None
+        stopped = report is not None and report["stopped_early"]
         results.append(_result(sequence, vocabulary, kwargs["max_new_tokens"],
-                               guard_failed=row < len(states) and min(states[row]) < 0))
+                               guard_failed=stopped or (row < len(states) and min(states[row]) < 0)))
+        results[-1].report = report
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]
     return results

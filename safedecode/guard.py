@@ -102,7 +102,8 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
 
 
 def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
-                leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto") -> SafeLogitsProcessor:
+                leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto",
+                **telemetry_options) -> SafeLogitsProcessor:
     """The guard processor for ``conversation``'s current encoding (encoded now if needed)."""
     if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
         raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
@@ -114,7 +115,7 @@ def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str
     fixed = compile_policy(static_policy(conversation, policy, tools, allow_hosts, tool_choice), vocabulary)
     per_request = compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window),
                                  vocabulary, cache_dir=False)
-    return SafeLogitsProcessor(combine([fixed, per_request]))
+    return SafeLogitsProcessor(combine([fixed, per_request]), **telemetry_options)
 
 
 __all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "static_policy", "request_policy", "guard_vocabulary"]

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PolicyError, SafeDecodeError
 from .syntax import parse, uses_assertion
+from .variants import literal_pattern, regex_pattern, validate as validate_variants
 
 ANCHORS = {"start", "end", "dollar", "word_boundary", "not_word_boundary"}
 
@@ -48,25 +49,42 @@ class _RuleBase(BaseModel):
 
 
 class LiteralRule(_RuleBase):
-    """Forbid a literal phrase; ``whole_word`` wraps it in ``\\b…\\b``."""
+    """Forbid a literal phrase; ``whole_word`` wraps it in ``\\b…\\b``; ``variants`` (see
+    :mod:`safedecode.variants`) make ``pattern`` a generated regex that also matches look-alike,
+    spaced-out, leet and encoded spellings."""
 
     literal: str = Field(min_length=1)
     whole_word: bool = False
+    variants: tuple[str, ...] = ()
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _check_variants(cls, value: Any) -> tuple[str, ...]:
+        return validate_variants(value, literal=True)
 
     @property
     def pattern(self) -> str:
+        if self.variants:
+            return literal_pattern(self.literal, self.whole_word, self.ignore_case, self.variants)
         escaped = regex.escape(self.literal)
         return rf"\b{escaped}\b" if self.whole_word else escaped
 
 
 class RegexRule(_RuleBase):
-    """Forbid any match of a regex (the supported subset of the ``regex`` package's syntax)."""
+    """Forbid any match of a regex (the supported subset of the ``regex`` package's syntax);
+    ``variants`` other than ``encodings`` expand its literal characters."""
 
     regex: str = Field(min_length=1)
+    variants: tuple[str, ...] = ()
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _check_variants(cls, value: Any) -> tuple[str, ...]:
+        return validate_variants(value, literal=False)
 
     @property
     def pattern(self) -> str:
-        return self.regex
+        return regex_pattern(self.regex, self.ignore_case, self.variants) if self.variants else self.regex
 
 
 class BlockRule(_RuleBase):
@@ -105,7 +123,7 @@ class BlockRule(_RuleBase):
 Rule = Union[LiteralRule, RegexRule, BlockRule]
 
 
-_RULE_KEYS = "literal | regex | open+body+close, ignore_case, whole_word (literal only), id"
+_RULE_KEYS = "literal | regex | open+body+close, ignore_case, whole_word (literal only), variants, id"
 
 
 def _rule_label(index: int, raw: Any) -> str:
@@ -241,6 +259,13 @@ def find_violations(policy: Policy, text: str) -> list[Violation]:
             found.append(Violation(rule_id, match.start(), match.end(), match.group()))
     found.sort(key=lambda v: (v.start, v.end, v.rule_id))
     return found
+
+
+def rule_violated(rule: Rule, text: str) -> bool:
+    """Whether ``text`` violates one rule, by the ``regex`` package (the oracle)."""
+    if isinstance(rule, BlockRule):
+        return _block_scan(rule, text)[0] == "violated"
+    return regex.search(rule.pattern, text, rule.flags) is not None
 
 
 def _block_scan(rule: BlockRule, text: str) -> tuple[str, int, int]:

@@ -15,7 +15,7 @@ wraps is immutable and shared).
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,10 @@ class SafeLogitsProcessor(LogitsProcessor):
     ends. Only ever writes -inf, except that one EOS restoration.
     """
 
-    def __init__(self, policy: Union[Policy, CompiledPolicy], tokenizer=None, **compile_options):
+    def __init__(self, policy: Union[Policy, CompiledPolicy], tokenizer=None, *, telemetry: bool = False,
+                 stop_threshold: Optional[float] = None, stop_after: int = 3, audit_log=None, **compile_options):
+        """``telemetry`` (or ``stop_threshold`` / ``audit_log``) turns on blocked-mass telemetry
+        (:mod:`safedecode.telemetry`): ``self.telemetry.report(row)`` after generation."""
         if isinstance(policy, CompiledPolicy):
             self.compiled = policy
         else:
@@ -47,10 +50,18 @@ class SafeLogitsProcessor(LogitsProcessor):
                 raise TypeError("SafeLogitsProcessor(policy, tokenizer): a tokenizer is required to compile a policy")
             self.compiled = compile_policy(policy, tokenizer, **compile_options)
         self._blob = self.compiled.blob
+        self.telemetry = None
+        if telemetry or stop_threshold is not None or audit_log is not None:
+            from .telemetry import Telemetry
+
+            self.telemetry = Telemetry(self.compiled, stop_threshold=stop_threshold, stop_after=stop_after,
+                                       audit_log=audit_log)
         self.reset()
 
     def reset(self) -> None:
         """Forget all rows: the next call starts a new generation."""
+        if self.telemetry is not None:
+            self.telemetry.reset()
         self._history = np.zeros((1, 64), dtype=np.int64)
         # Row 0: rows, length and prompt length of the previous call; row 1 + i: row i's states.
         self._tracker = np.zeros((2, max(3, self.compiled.n_components)), dtype=np.int32)
@@ -75,6 +86,15 @@ class SafeLogitsProcessor(LogitsProcessor):
         self._tracker = tracker
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.telemetry is None:
+            return self._mask(input_ids, scores)[0]
+        self.telemetry.before(scores)
+        scores, new_generation = self._mask(input_ids, scores)
+        self.telemetry.after(input_ids, scores, self.states, self.prompt_length, new_generation)
+        return scores
+
+    def _mask(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> tuple[torch.FloatTensor, bool]:
+        """Advance the rows and mask ``scores``; also says whether a new generation started."""
         try:  # the common case, kept lean: CPU int64 ids and CPU float32 logits, written in place
             ids = input_ids.numpy()
             logits = scores.numpy() if scores.dtype == torch.float32 else None
@@ -87,22 +107,21 @@ class SafeLogitsProcessor(LogitsProcessor):
         if rows > self._history.shape[0] or length > self._history.shape[1]:
             self._reserve(rows, length)
         if logits is not None:
-            kernels.guard_step(self._blob, ids, self._history, self._tracker, logits, _NEG_INF32)
-            return scores
+            return scores, kernels.guard_step(self._blob, ids, self._history, self._tracker, logits, _NEG_INF32)
         view = _int_view(scores)
         if view is not None:  # float16 / bfloat16 / float64 on CPU: write the -inf bit pattern
-            kernels.guard_step(self._blob, ids, self._history, self._tracker, *view)
-            return scores
+            return scores, kernels.guard_step(self._blob, ids, self._history, self._tracker, *view)
         # Other devices: compute the mask on the host, apply it on the scores' device.
         mask = np.zeros((rows, scores.shape[-1]), dtype=np.int32)
-        kernels.guard_step(self._blob, ids, self._history, self._tracker, mask, np.int32(-1))
+        new_generation = kernels.guard_step(self._blob, ids, self._history, self._tracker, mask, np.int32(-1))
         scores = scores.masked_fill(torch.from_numpy(mask == -1).to(scores.device), float("-inf"))
-        return _restore_eos_where_stuck(scores, self.compiled.eos_ids)
+        return _restore_eos_where_stuck(scores, self.compiled.eos_ids), new_generation
 
 
 def _int_view(scores: torch.Tensor):
     """A numpy integer view sharing the memory of CPU logits, and the bit pattern of -inf."""
-    if scores.device.type != "cpu" or not scores.is_contiguous() or scores.dtype not in _INT_VIEW:
+    if (scores.device.type != "cpu" or not scores.is_contiguous() or scores.dtype not in _INT_VIEW
+            or scores.requires_grad):
         return None
     int_dtype, name = _INT_VIEW[scores.dtype]
     return scores.view(int_dtype).numpy(), kernels.NEG_INF_BITS[name]
