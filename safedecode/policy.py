@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PolicyError, SafeDecodeError
 from .syntax import parse, uses_assertion
-from .variants import literal_pattern, regex_pattern, validate as validate_variants
+from .variants import literal_pattern, regex_pattern
+from .variants import validate as validate_variants
 
 ANCHORS = {"start", "end", "dollar", "word_boundary", "not_word_boundary"}
 
@@ -210,7 +211,10 @@ class Policy(BaseModel):
 
     def digest(self) -> str:
         """A stable hash of the policy's meaning (used as a cache key)."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        data = self.model_dump(mode="json")
+        # Variant rules: hash the generated pattern too (it depends on Unicode data packages).
+        data["generated"] = [rule.pattern for rule in self.forbid if getattr(rule, "variants", ())]
+        payload = json.dumps(data, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def __hash__(self) -> int:
