@@ -2,8 +2,8 @@
 
 Opt-in (``SafeLogitsProcessor(..., telemetry=True)`` or a :class:`Telemetry` object). At each step,
 for each row, the *removed mass* is the softmax probability, under the scores the guard received,
-of the ids it masked: ``1 - exp(logsumexp(after) - logsumexp(before))`` — two reductions, no copy
-of the logits. When a row loses mass, the most probable masked candidate is named with the rules
+of the ids it masked: ``Σ_masked exp(x - max) / Σ_all exp(x - max)`` — vectorised passes with
+float64 sums, and no cancellation when almost everything is masked. When a row loses mass, the most probable masked candidate is named with the rules
 that forbid it (the components whose automaton the token would drive into a match, narrowed to
 the exact rules by the ``regex`` oracle on the row's text).
 
@@ -77,34 +77,32 @@ class Telemetry:
         self.request_id = request_id
         self.rows: list[RowReport] = []
         self._lock = threading.Lock()
-        self._before: Optional[torch.Tensor] = None
-        self._top: Optional[torch.Tensor] = None
+        self._weights = self._sums = None
 
     def reset(self) -> None:
         self.rows = []
 
     def before(self, scores: torch.Tensor) -> None:
-        """Remember what the mask will change: each row's logsumexp and its top candidates."""
-        with torch.no_grad():
-            self._before = torch.logsumexp(scores.double(), dim=-1)
-            self._top = torch.topk(scores, k=min(8, scores.shape[-1]), dim=-1).indices
+        """Remember each row's unnormalised probabilities ``exp(x - max)`` and their sum (float64)."""
+        rows = _as_float32(scores)
+        self._weights = np.exp(rows - rows.max(axis=1, keepdims=True))
+        self._sums = self._weights.sum(axis=1, dtype=np.float64)
 
     def after(self, input_ids: torch.Tensor, scores: torch.Tensor, states: list, prompt_length: int,
               new_generation: bool) -> None:
         """Record the step; apply the early stop (fail closed) where the removed mass stayed high."""
-        with torch.no_grad():
-            after = torch.logsumexp(scores.double(), dim=-1)
-            removed = (1.0 - torch.exp(after - self._before)).clamp(0.0, 1.0).cpu().numpy()
-            top_masked = torch.isneginf(scores.gather(-1, self._top)).cpu().numpy()
-        top = self._top.cpu().numpy()
+        masked = np.isneginf(_as_float32(scores))
+        blocked_weights = np.where(masked, self._weights, np.float32(0.0))
+        removed = np.clip(blocked_weights.sum(axis=1, dtype=np.float64) / self._sums, 0.0, 1.0)
+        candidates = blocked_weights.argmax(axis=1)  # the most probable masked id of each row
         if new_generation or len(self.rows) != len(states):
             self.rows = [RowReport() for _ in states]
         step = input_ids.shape[1] - prompt_length
         for row, report in enumerate(self.rows):
             mass = float(removed[row])
             record = StepRecord(step, mass)
-            if mass > BLOCKED and top_masked[row].any():
-                token = int(top[row][np.argmax(top_masked[row])])
+            if mass > BLOCKED:
+                token = int(candidates[row])
                 record.rules, record.token = self._rules_for(states[row], token, input_ids[row, prompt_length:]), token
                 self._audit(row, record)
             report.steps.append(record)
@@ -147,6 +145,13 @@ class Telemetry:
     def report(self, row: int = 0) -> dict:
         """The per-request summary of ``row`` (see :meth:`RowReport.summary`)."""
         return self.rows[row].summary() if row < len(self.rows) else RowReport().summary()
+
+
+def _as_float32(scores: torch.Tensor) -> np.ndarray:
+    """The scores as a float32 numpy array (a view on CPU float32, else a host copy)."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
+        return scores.numpy()
+    return scores.detach().float().cpu().numpy()
 
 
 def _mask_all_but_eos(row: torch.Tensor, eos_ids) -> None:
