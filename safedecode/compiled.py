@@ -156,14 +156,13 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     t0 = time.perf_counter()
     components = compile_components(policy, max_states=max_states)
     t1 = time.perf_counter()
-    trie = build_trie(vocabulary.token_bytes)
+    trie, (token_bytes, token_offsets) = _trie_and_bytes(vocabulary)
     id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
     id_to_rank[trie.rank_to_id] = np.arange(len(trie.rank_to_id), dtype=np.int32)
     for eos in vocabulary.eos_ids:  # EOS contributes no text and is masked only inside a block
         id_to_rank[eos] = -1
     static = forbidden_special_ids(policy, vocabulary)
     id_to_rank[static] = kernels.FORBIDDEN_SPECIAL
-    token_bytes, token_offsets = flat_token_bytes(vocabulary)
     shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
                   eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32), static_forbidden=static)
     bar = None
@@ -203,6 +202,26 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "compile_seconds": round(t2 - t0, 4),
     }
     return CompiledPolicy(policy, vocabulary, blob, stats)
+
+
+_tries: "OrderedDict[str, tuple]" = OrderedDict()
+
+
+def _trie_and_bytes(vocabulary: Vocabulary):
+    """The token trie and flat token bytes of a vocabulary, memoized by its digest (they cost
+    ~0.25 s for 49k tokens and a per-request policy would otherwise rebuild them every time)."""
+    key = vocabulary.digest()
+    with _memory_lock:
+        hit = _tries.get(key)
+        if hit is not None:
+            _tries.move_to_end(key)
+            return hit
+    built = (build_trie(vocabulary.token_bytes), flat_token_bytes(vocabulary))
+    with _memory_lock:
+        _tries[key] = built
+        while len(_tries) > 4:
+            _tries.popitem(last=False)
+    return built
 
 
 def combine(parts: list[CompiledPolicy]) -> CompiledPolicy:

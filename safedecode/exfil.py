@@ -8,8 +8,9 @@ text must stay on its way to ``host + terminator`` for some allowed host
 can only travel in the path or query of an allowed host.
 
 URL starts covered (case-insensitive):
-  * a scheme ``http: https: ftp: ftps: ws: wss:`` followed by any run of ``/`` or ``\\`` (browsers
-    read ``https:\\\\evil`` and ``https:evil`` as ``https://evil``);
+  * a scheme ``http: https: ftp: ftps: ws: wss:`` that starts a word (not glued to a letter,
+    digit, ``+``, ``.`` or ``-``: "news:" is a word), followed by any run of ``/`` or ``\\``
+    (browsers read ``https:\\\\evil`` and ``https:evil`` as ``https://evil``);
   * a protocol-relative ``//`` in a markdown link/image target ``](//``, a reference definition
     ``]: //``, an HTML attribute ``=//`` / ``="//`` and an autolink ``<//``;
   * a ``www.`` autolink (GitHub-flavoured markdown), matched against the allowed hosts that start
@@ -34,7 +35,9 @@ from .negation import departure_regex
 
 HOST_END = "/?#)]>\"',;*` \t\r\n"
 WHITESPACE = " \t\r\n"
-SCHEME = r"(?:https?|ftps?|wss?):[/\\]*"
+# The scheme must not be glued to a preceding scheme character: "news:" and "Reviews:" are words, and
+# "xhttps:" is another scheme (browsers fetch nothing over it).
+SCHEME = r"(?:^|[^A-Za-z0-9+.\-])(?:https?|ftps?|wss?):[/\\]*"
 PROTOCOL_RELATIVE = r"(?:\]\(\s*<?|\]:\s*<?|=\s*[\"']?|<)[/\\]{2}[/\\]*"
 _HOST = regex.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
 
@@ -65,7 +68,9 @@ def exfiltration_rules(allow_hosts: Iterable[str] = ()) -> list[dict]:
     """Regex rules (policy mappings) forbidding links to hosts outside ``allow_hosts``."""
     hosts = normalize_hosts(allow_hosts)
     www_hosts = [h[len("www."):] for h in hosts if h.startswith("www.")]
-    after_host = departure_regex(_allowed_after_start(hosts), skip_first="/\\") if hosts else ""
+    # Slashes belong to the URL start; whitespace right after it means no URL ("the http: scheme").
+    after_host = (departure_regex(_allowed_after_start(hosts), skip_first="/\\" + WHITESPACE) if hosts
+                  else r"[^\s/\\]")
     after_www = departure_regex(_allowed_after_start(www_hosts)) if www_hosts else "[a-z0-9-]"
     return [
         {"id": "exfil:url", "regex": SCHEME + after_host, "ignore_case": True},

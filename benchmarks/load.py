@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Load benchmark of ``safedecode serve``: requests/s and latency under N concurrent clients.
+
+    .venv/bin/python benchmarks/load.py              # 1 client (8 requests), then 8 clients (32 requests)
+    .venv/bin/python benchmarks/load.py --quick      # 1 client (4 requests), then 4 clients (12 requests)
+    .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000   # an already running server
+
+Loopback only: it starts ``safedecode serve`` (embedded SmolLM2) on a free 127.0.0.1 port unless
+``--url`` names a loopback server. Bounded: each scenario stops after ``--requests`` requests or
+``--max-seconds``, whichever comes first (requests in flight then finish and are counted); the
+scenarios are interleaved over ``--rounds`` rounds, so a change in the machine's load (a shared
+machine) hits them alike.
+
+Every request is streamed (so time to first token is measured too), asks for exactly
+``--max-tokens`` tokens (``ignore_eos``, so every request does the same work) with greedy decoding,
+and carries a distinct prompt. Scenarios: ``/v1/completions`` and ``/v1/chat/completions``, each
+without a request policy and with ``grammars/secrets.toml`` (``"policy": "secrets"``). A chat
+request is always guarded by its channel guard (control tokens, delimiters, links, leaks); "no
+policy" means no rules beyond those. Each scenario runs once with a single client (the latency of
+a request alone) and once with ``--clients`` clients (throughput, and the latency with queueing:
+the server runs one generation at a time). Writes ``load.json`` (every latency) and ``load.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from safedecode.server.process import running_server  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+SCENARIOS = [  # (name, endpoint, request policy)
+    ("completions, no policy", "completions", None),
+    ("completions, policy secrets", "completions", "secrets"),
+    ("chat, channel guard only", "chat", None),
+    ("chat, channel guard + secrets", "chat", "secrets"),
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def request_body(endpoint: str, policy, number: int, max_tokens: int) -> dict:
+    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    text = f"Write a short note about the number {number}."
+    body.update({"messages": [{"role": "user", "content": text}]} if endpoint == "chat" else {"prompt": text})
+    if policy:
+        body["safedecode"] = {"policy": policy}
+    return body
+
+
+async def one_request(client: httpx.AsyncClient, endpoint: str, body: dict) -> dict:
+    """Stream one request; return its latency, time to first token and completion tokens."""
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            choice = (chunk.get("choices") or [{}])[0]
+            if first is None and (choice.get("text") or (choice.get("delta") or {}).get("content")):
+                first = time.perf_counter() - start
+    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens}
+
+
+async def run_part(base: str, endpoint: str, policy, clients: int, requests: int, seconds: float, label: str,
+                   args, warm_up: bool) -> dict:
+    """``clients`` concurrent clients until ``requests`` requests or ``seconds``: raw measurements."""
+    results, errors = [], []
+    issued = 0
+    async with httpx.AsyncClient(base_url=base, timeout=args.max_seconds + 300,
+                                 limits=httpx.Limits(max_connections=clients)) as client:
+        if warm_up:  # compiles the scenario's policy; not timed
+            await one_request(client, endpoint, request_body(endpoint, policy, 0, args.max_tokens))
+        bar = tqdm(total=requests, desc=label, unit="req", leave=False)
+        start = time.perf_counter()
+
+        async def worker():
+            nonlocal issued
+            while issued < requests and time.perf_counter() - start < seconds:
+                issued += 1
+                body = request_body(endpoint, policy, 1000 + issued, args.max_tokens)
+                try:
+                    results.append(await one_request(client, endpoint, body))
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    errors.append(str(exc))
+                bar.update(1)
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        bar.close()
+    return {"results": results, "errors": errors, "wall": wall, "cut_by_time": issued < requests}
+
+
+def summarize(name: str, endpoint: str, policy, clients: int, parts: list[dict]) -> dict:
+    """One scenario's numbers over all its rounds (requests/s = requests / summed wall time)."""
+    results = [r for part in parts for r in part["results"]]
+    errors = [e for part in parts for e in part["errors"]]
+    wall = sum(part["wall"] for part in parts)
+    latencies = [r["latency"] for r in results]
+    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+    tokens = sum(r["tokens"] for r in results)
+    summary = {"scenario": name, "endpoint": endpoint, "policy": policy, "clients": clients, "requests": len(results),
+               "errors": len(errors), "first_errors": errors[:3], "wall_s": round(wall, 3),
+               "requests_per_s": round(len(results) / wall, 3) if wall else None,
+               "tokens_per_s": round(tokens / wall, 2) if wall else None,
+               "cut_by_time": any(part["cut_by_time"] for part in parts)}
+    if latencies:
+        summary.update(p50_s=round(percentile(latencies, 50), 3), p99_s=round(percentile(latencies, 99), 3))
+    if ttfts:
+        summary.update(ttft_p50_s=round(percentile(ttfts, 50), 3), ttft_p99_s=round(percentile(ttfts, 99), 3))
+    summary["latencies_s"] = [round(v, 4) for v in latencies]
+    return summary
+
+
+def run_all(base: str, args) -> list[dict]:
+    """Every scenario × (1 client, ``--clients`` clients), interleaved over ``--rounds`` rounds so
+    that a change in the machine's load hits every scenario alike."""
+    runs = [(name, endpoint, policy, clients, requests) for name, endpoint, policy in SCENARIOS
+            for clients, requests in ((1, args.solo_requests), (args.clients, args.requests))]
+    parts: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    for round_ in range(args.rounds):
+        for i, (name, endpoint, policy, clients, requests) in enumerate(runs):
+            share = math.ceil(requests / args.rounds)
+            label = f"round {round_ + 1}/{args.rounds}: {name}, {clients} client(s)"
+            parts[i].append(asyncio.run(run_part(base, endpoint, policy, clients, share,
+                                                 args.max_seconds / args.rounds, label, args, round_ == 0)))
+    return [summarize(name, endpoint, policy, clients, parts[i])
+            for i, (name, endpoint, policy, clients, _) in enumerate(runs)]
+
+
+def render_markdown(report: dict) -> str:
+    config = report["config"]
+    lines = [
+        "# Load benchmark: `safedecode serve`",
+        "",
+        f"`benchmarks/load.py` — streaming clients on loopback, {config['max_tokens']} tokens per request "
+        f"(`ignore_eos`, greedy); 1 client for {config['solo_requests']} requests, then {config['clients']} "
+        f"concurrent clients for {config['requests']} requests (or {config['max_seconds']} s) per scenario, "
+        f"interleaved over {config['rounds']} rounds; "
+        f"embedded {MODEL} on CPU, one generation at a time.",
+        "",
+        "| scenario | clients | requests | errors | requests/s | tokens/s | latency p50 (s) | latency p99 (s) | "
+        "first token p50 (s) | first token p99 (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["scenarios"]:
+        lines.append(f"| {s['scenario']} | {s['clients']} | {s['requests']}{' (time cap)' if s['cut_by_time'] else ''} | "
+                     f"{s['errors']} | {s['requests_per_s']} | {s['tokens_per_s']} | {s.get('p50_s', '—')} | "
+                     f"{s.get('p99_s', '—')} | {s.get('ttft_p50_s', '—')} | {s.get('ttft_p99_s', '—')} |")
+    machine = report["machine"]
+    lines += ["", f"Machine: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+                  f"load average {machine['load_start']} at start and {machine['load_end']} at end "
+                  f"(wall-clock numbers: other processes show up in them).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4 clients, 12 requests (solo: 4) per scenario")
+    ap.add_argument("--clients", type=int, help="concurrent clients (default 8, quick 4)")
+    ap.add_argument("--requests", type=int, help="requests per scenario with --clients (default 32, quick 12)")
+    ap.add_argument("--solo-requests", type=int, help="requests per scenario with one client (default 8, quick 4)")
+    ap.add_argument("--max-seconds", type=float, default=180, help="time cap per scenario (default 180)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the scenarios (default 2)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
+    ap.add_argument("--url", help="benchmark this loopback server instead of starting one")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    args.clients = args.clients or (4 if args.quick else 8)
+    args.requests = args.requests or (12 if args.quick else 32)
+    args.solo_requests = args.solo_requests or (4 if args.quick else 8)
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        ap.error("--url must be a loopback address (this benchmark never leaves the machine)")
+    load_start = os.getloadavg()[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.url:
+        scenarios = run_all(args.url.rstrip("/"), args)
+    else:
+        print("starting safedecode serve (embedded model)...", file=sys.stderr, flush=True)
+        log = Path(tempfile.gettempdir()) / "safedecode-load-server.log"  # kept if the server fails
+        with running_server(log=log) as base:
+            scenarios = run_all(base, args)
+        log.unlink(missing_ok=True)
+    report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "scenarios": scenarios,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2)}}
+    (out / "load.json").write_text(json.dumps(report, indent=1))
+    (out / "load.md").write_text(render_markdown(report))
+    print(render_markdown(report))
+    return 0 if all(s["errors"] == 0 for s in scenarios) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""``safedecode serve``: an OpenAI-compatible HTTP server whose every answer is guarded.
+
+Modules (each small, one job):
+
+* :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits;
+* :mod:`.policies` — per-request options (``safedecode`` / ``vllm_xargs``) → a :class:`~safedecode.Policy`;
+* :mod:`.tools`    — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
+* :mod:`.engine`   — the generation worker: one model, one generation at a time, streaming and
+  cancellation, and the text that may be streamed;
+* :mod:`.app`      — the FastAPI application (endpoints, errors, server-sent events) and :func:`serve`.
+
+FastAPI and uvicorn are imported only here, so the library itself does not need them.
+"""

@@ -1,0 +1,418 @@
+"""The FastAPI application: OpenAI-compatible endpoints, every answer guarded.
+
+Endpoints: ``GET /health`` (engine counters), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` answers with server-sent events in OpenAI's chunk
+format, ending with ``data: [DONE]``).
+
+A chat request becomes a :class:`~safedecode.Conversation`: system/developer and user messages are
+trusted, messages marked untrusted and every ``tool`` message go into the content channel (a tool
+result with source ``tool:<name>``), and the answer is generated under
+``Conversation.guard(policy, tools, allow_hosts, tool_choice)``. A completion request (a raw
+prompt) is generated under the policy alone. The policy is the server's ``--policy`` plus whatever
+the request adds (:mod:`.policies`).
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): a bad request or
+policy → 400 with safedecode's own message, an unknown model → 404, a body over
+:data:`~.schemas.MAX_BODY_BYTES` or an inline policy over its limits → 413, a full queue → 503.
+Request preparation (prompt encoding, guard compilation) runs on one helper thread, generation on
+the engine's worker thread, so the event loop only moves bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..conversation import Conversation
+from ..errors import SafeDecodeError
+from ..policy import Policy
+from ..tools import ToolCallError, declare_tools, parse_tool_calls
+from .engine import Busy, Engine, Job, Outcome, TextTracker
+from .policies import PolicyTooLarge, RequestOptions, resolve
+from .schemas import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, MAX_BODY_BYTES, MAX_QUEUE, MAX_TOKENS_LIMIT,
+                      ChatMessage, ChatRequest, CompletionRequest)
+from .tools import call_json, tool_models
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-shaped body."""
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
+             500: "internal_error", 503: "server_busy"}
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    @classmethod
+    def of(cls, exc: Exception) -> "ApiError":
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, PolicyTooLarge):
+            return cls(413, str(exc))
+        if isinstance(exc, Busy):
+            return cls(503, str(exc))
+        if isinstance(exc, ToolCallError):  # impossible under the guard: a server fault, not the client's
+            return cls(500, f"invalid tool call in the output: {exc}")
+        if isinstance(exc, SafeDecodeError):
+            return cls(400, str(exc))
+        return cls(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.TYPES.get(self.status, "error"), "param": None,
+                          "code": self.status}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before anything parses it.
+    The body is read (bounded) and replayed; later ``receive`` calls (disconnect) pass through."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        body, more = b"", True
+        while more and (declared is None or int(declared) <= self.limit) and len(body) <= self.limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        size = int(declared) if declared is not None and int(declared) > self.limit else len(body)
+        if size > self.limit:
+            error = ApiError(413, f"request body of {size} bytes; the limit is {self.limit} bytes")
+            return await error.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+@dataclass
+class Prepared:
+    """A job ready for the engine, and what formatting its answer needs."""
+
+    job: Job
+    kind: str                # "chat" or "completion"
+    tools: dict              # tool name → pydantic model (chat with tools)
+    format: Any = None       # the ChatFormat (chat)
+
+
+class Server:
+    """The application's state: the engine, the model's chat format and the default policy."""
+
+    def __init__(self, engine: Engine, model_name: str, default_policy: Optional[Policy] = None):
+        from ..chat_format import detect_chat_format
+
+        self.engine, self.model_name, self.default_policy = engine, model_name, default_policy
+        self.created = int(time.time())
+        self.prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safedecode-prepare")
+        try:
+            self.format, self.format_error = detect_chat_format(engine.tokenizer), None
+        except SafeDecodeError as exc:  # completions still work; chat answers 400 with the reason
+            self.format, self.format_error = None, exc
+
+    # -- preparing a request (on the helper thread) -------------------------------------------
+    def _budget(self, default: int, prompt_tokens: int, max_tokens: Optional[int]) -> int:
+        """The request's token budget, checked against the server limit and the model's context."""
+        if prompt_tokens == 0:
+            raise ApiError(400, "the prompt is empty")
+        max_tokens = max_tokens or default
+        if max_tokens > MAX_TOKENS_LIMIT:
+            raise ApiError(400, f"max_tokens={max_tokens}: the limit is {MAX_TOKENS_LIMIT}")
+        if prompt_tokens + max_tokens > self.engine.context_length:
+            raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                f"model's context length of {self.engine.context_length} tokens")
+        return max_tokens
+
+    def _job(self, body, ids, processor, tracker, max_tokens) -> Job:
+        return Job(input_ids=ids, processor=processor, tracker=tracker, max_tokens=max_tokens,
+                   temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
+                   stream=body.stream)
+
+    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        from ..compiled import _vocabulary_of, compile_policy
+        from ..processor import SafeLogitsProcessor
+
+        options = resolve(body.safedecode, body.vllm_xargs, self.default_policy)
+        if options.allow_hosts or options.untrusted or options.leak_window is not None:
+            raise ApiError(400, "allow_hosts, untrusted and leak_window apply to /v1/chat/completions only")
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+        max_tokens = self._budget(DEFAULT_COMPLETION_TOKENS, len(ids), body.max_tokens)
+        policy = options.policy
+        guarded = policy is not None and (policy.forbid or policy.special_tokens == "forbid")
+        processor = SafeLogitsProcessor(compile_policy(policy, tokenizer)) if guarded else None
+        vocabulary = processor.compiled.vocabulary if processor else _vocabulary_of(tokenizer)
+        tracker = TextTracker(vocabulary, body.stop, policy=policy)
+        return Prepared(self._job(body, ids, processor, tracker, max_tokens), "completion", {})
+
+    def prepare_chat(self, body: ChatRequest) -> Prepared:
+        if self.format is None:
+            raise ApiError(400, f"chat is not available for this model: {self.format_error}")
+        options = resolve(body.safedecode, body.vllm_xargs, self.default_policy)
+        conversation = build_conversation(Conversation(self.engine.tokenizer, self.format), body.messages, options)
+        models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
+        encoded = conversation.encode(models or None)
+        guard = conversation.guard(policy=options.policy, tools=models or None, allow_hosts=options.allow_hosts,
+                                   leak_window=options.leak_window, tool_choice=choice)
+        pause = self.format.tool_call_open.strip() if models else None
+        tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
+        max_tokens = self._budget(DEFAULT_CHAT_TOKENS, len(encoded), body.max_completion_tokens or body.max_tokens)
+        job = self._job(body, list(encoded.input_ids), guard, tracker, max_tokens)
+        return Prepared(job, "chat", declare_tools(models), self.format)
+
+    # -- answering ---------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"model {name!r} not found; this server serves {self.model_name!r}")
+
+    async def answer(self, request: Request, body, prepare) -> Any:
+        self.check_model(body.model)
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(self.prepare_pool, prepare, body)
+            job = self.engine.submit(prepared.job)
+        except Exception as exc:
+            raise ApiError.of(exc) from None
+        reply = Reply(prepared, self.model_name, body.include_usage)
+        if body.stream:
+            return StreamingResponse(reply.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        while True:  # wait for the answer; a client that went away cancels the generation
+            try:
+                kind, value = await asyncio.wait_for(job.next_event(), timeout=0.5)
+                break
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return JSONResponse({}, status_code=499)
+        if kind == "error":
+            raise ApiError.of(value)
+        try:
+            return reply.response(value)
+        except SafeDecodeError as exc:
+            raise ApiError.of(exc) from None
+
+
+class Reply:
+    """Formats one job's answer as an OpenAI response or as a stream of chunks."""
+
+    def __init__(self, prepared: Prepared, model: str, include_usage: bool):
+        self.prepared, self.model, self.include_usage = prepared, model, include_usage
+        chat = prepared.kind == "chat"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+
+    def _tool_calls(self, outcome: Outcome) -> list[dict]:
+        fmt, tools = self.prepared.format, self.prepared.tools
+        if not tools:
+            return []
+        calls = parse_tool_calls(outcome.text, tools, fmt.tool_call_open, fmt.tool_call_close,
+                                 fmt.tool_call_arguments_key)
+        return [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": call_json(c)} for c in calls]
+
+    @staticmethod
+    def _usage(outcome: Outcome) -> dict:
+        return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+
+    def _envelope(self, choice: dict, chunk: bool = False, **extra) -> dict:
+        kind = self.object + (".chunk" if chunk and self.prepared.kind == "chat" else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [dict(index=0, logprobs=None, **choice)] if choice else [], **extra}
+
+    def response(self, outcome: Outcome) -> dict:
+        calls = self._tool_calls(outcome)
+        finish = "tool_calls" if calls else outcome.finish_reason
+        if self.prepared.kind == "completion":
+            choice = {"text": outcome.text, "finish_reason": finish}
+        else:
+            message = {"role": "assistant", "content": outcome.content if outcome.content.strip() or not calls else None}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"message": message, "finish_reason": finish}
+        return self._envelope(choice, usage=self._usage(outcome))
+
+    def _chunk(self, text: Optional[str] = None, finish: Optional[str] = None, **delta) -> str:
+        if self.prepared.kind == "completion":
+            choice = {"text": text or "", "finish_reason": finish}
+        else:
+            choice = {"delta": dict(delta, **({"content": text} if text is not None else {})), "finish_reason": finish}
+        return _sse(self._envelope(choice, chunk=True))
+
+    def _closing_chunks(self, outcome: Outcome) -> list[str]:
+        """What a stream sends once the generation is over: the rest of the content, the tool
+        calls, the finish reason and (if asked) the usage."""
+        calls = self._tool_calls(outcome)
+        chunks = [self._chunk(outcome.rest)] if outcome.rest else []
+        if calls:
+            chunks.append(self._chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(calls)]))
+        chunks.append(self._chunk(finish="tool_calls" if calls else outcome.finish_reason))
+        if self.include_usage:
+            chunks.append(_sse(self._envelope({}, chunk=True, usage=self._usage(outcome))))
+        return chunks
+
+    async def events(self):
+        """The server-sent events of a streamed answer; leaving early (disconnect) cancels the job."""
+        job = self.prepared.job
+        try:
+            if self.prepared.kind == "chat":
+                yield self._chunk("", role="assistant")
+            while (event := await job.next_event())[0] == "delta":
+                yield self._chunk(event[1])
+            kind, value = event
+            try:
+                chunks = self._closing_chunks(value) if kind == "done" else [_sse(ApiError.of(value).body())]
+            except SafeDecodeError as exc:
+                chunks = [_sse(ApiError.of(exc).body())]
+            for chunk in chunks:
+                yield chunk
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a no-op once the job is done; stops it if the client went away
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def build_conversation(conversation: Conversation, messages: list[ChatMessage], options: RequestOptions) -> Conversation:
+    """Messages → segments: system/developer/user trusted, untrusted ones and every ``tool`` message
+    in the content channel (source ``tool:<name>``), assistant turns with their tool calls re-rendered."""
+    bad = sorted(i for i in options.untrusted if not 0 <= i < len(messages))
+    if bad:
+        raise ApiError(400, f"safedecode.untrusted: message indices {bad} out of range (0..{len(messages) - 1})")
+    fmt = conversation.format
+    call_names: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            name = message.name or call_names.get(message.tool_call_id or "") or "result"
+            conversation.content(message.text, source=f"tool:{name}"[:64])
+        elif message.untrusted or i in options.untrusted:
+            if message.role == "assistant":
+                raise ApiError(400, f"messages[{i}]: an assistant message cannot be marked untrusted")
+            conversation.content(message.text, source=message.name or "document")
+        elif message.role in ("system", "developer"):
+            conversation.system(message.text)
+        elif message.role == "user":
+            conversation.user(message.text)
+        else:
+            calls = []
+            for j, call in enumerate(message.tool_calls or ()):
+                try:
+                    function = call["function"]
+                    arguments = function.get("arguments") or "{}"
+                    payload = {"name": function["name"],
+                               fmt.tool_call_arguments_key: json.loads(arguments) if isinstance(arguments, str) else arguments}
+                except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                    raise ApiError(400, f"messages[{i}].tool_calls[{j}]: not a valid function call: {exc}") from None
+                call_names[str(call.get("id", ""))] = function["name"]
+                calls.append(fmt.tool_call_open + json.dumps(payload, ensure_ascii=False) + fmt.tool_call_close)
+            conversation.assistant("\n".join([message.text] * bool(message.text) + calls))
+    return conversation
+
+
+def _tool_choice(models: list, choice) -> tuple[list, str]:
+    """OpenAI's tool_choice → (tools the guard may allow, the guard's tool_choice)."""
+    if choice is None or isinstance(choice, str):
+        return models, choice or "auto"
+    name = choice.function.get("name")
+    chosen = [m for m in models if m.__name__ == name]
+    if not chosen:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the request's tools")
+    return chosen, "required"
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI application serving ``server``'s model."""
+    app = FastAPI(title="safedecode", description=__doc__.splitlines()[0])
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            return ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}").response()
+        where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        return ApiError(400, f"{where}: {err['msg']}").response()
+
+    @app.get("/health")
+    async def health():
+        return dict(status="ok", model=server.model_name, **server.engine.stats())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "safedecode"}]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        server.check_model(name)
+        return {"id": name, "object": "model", "created": server.created, "owned_by": "safedecode"}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.answer(request, body, server.prepare_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await server.answer(request, body, server.prepare_chat)
+
+    return app
+
+
+def serve(model: str = "default", policy=None, host: str = "127.0.0.1", port: int = 8000,
+          max_queue: Optional[int] = None, log_level: str = "info") -> int:
+    """Load the model, warm the guard up, and serve until interrupted (``safedecode serve``)."""
+    import uvicorn
+
+    from ..policy import load_policy
+    from .engine import load_model
+
+    default_policy = load_policy(policy) if policy else None
+    model_obj, tokenizer, name = load_model(model)
+    engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE)
+    server = Server(engine, name, default_policy)
+    warm_up(server)
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()
+    return 0
+
+
+def warm_up(server: Server) -> None:
+    """Compile the request-independent guards and run one token, so the first request is fast."""
+    body = dict(model=server.model_name, max_tokens=1, temperature=0)
+    prepared = (server.prepare_chat(ChatRequest(messages=[{"role": "user", "content": "Hi"}], **body))
+                if server.format is not None else server.prepare_completion(CompletionRequest(prompt="Hi", **body)))
+    server.engine.run(prepared.job)
+
+
+__all__ = ["create_app", "serve", "Server", "ApiError", "build_conversation", "warm_up"]

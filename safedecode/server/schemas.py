@@ -1,0 +1,159 @@
+"""Request bodies of the OpenAI-compatible endpoints, and the server's documented limits.
+
+Only what the server implements is accepted: a field it would have to ignore with a non-default
+value (``n > 1``, ``logprobs``, penalties, ``logit_bias``...) is refused with HTTP 400 naming the
+field, rather than silently answered differently. Unknown fields are ignored (clients send extras).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: A request body larger than this is refused with HTTP 413 before it is parsed.
+MAX_BODY_BYTES = 1 << 20
+#: An inline policy (its canonical JSON) larger than this, with more rules or more regex/block
+#: rules, or whose automaton needs more DFA states (per rule and per component), gets 413: these
+#: bound what one request can make the server compile.
+MAX_POLICY_BYTES = 64 << 10
+MAX_POLICY_RULES = 1000
+MAX_POLICY_REGEXES = 64
+MAX_POLICY_STATES = 10_000
+#: ``max_tokens`` above this is refused (400); the prompt plus ``max_tokens`` must fit the model.
+MAX_TOKENS_LIMIT = 4096
+#: Defaults when a request gives no ``max_tokens`` (OpenAI's completions default is 16).
+DEFAULT_COMPLETION_TOKENS = 16
+DEFAULT_CHAT_TOKENS = 256
+#: At most this many stop strings of at most this many characters; at most this many tools.
+MAX_STOP = 8
+MAX_STOP_CHARS = 256
+MAX_TOOLS = 64
+#: Requests waiting for the model beyond this are refused with HTTP 503.
+MAX_QUEUE = 256
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class SafedecodeOptions(BaseModel):
+    """The ``safedecode`` object of a request (``extra_body={"safedecode": {...}}``).
+
+    ``policy``: a policy name from ``grammars/`` (``"secrets"``), an inline policy mapping
+    (``{"forbid": [...]}``) or a list of either; it is added to the server's ``--policy``, never
+    replaces it. ``allow_hosts``: hosts links may point to (chat). ``untrusted``: indices of chat
+    messages to put in the content channel (a message may also carry ``"untrusted": true``).
+    ``leak_window``: see :meth:`safedecode.Conversation.guard`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Union[str, dict, list[Union[str, dict]], None] = None
+    allow_hosts: list[str] = Field(default_factory=list, max_length=256)
+    untrusted: list[int] = Field(default_factory=list)
+    leak_window: Optional[int] = None
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    ignore_eos: bool = False  # vLLM's extra parameter: generate exactly max_tokens tokens
+    n: Literal[1] = 1
+    logprobs: Optional[Literal[False, None]] = None
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+    logit_bias: Optional[dict[str, Literal[0, 0.0]]] = None
+    safedecode: Optional[SafedecodeOptions] = None
+    vllm_xargs: Optional[dict[str, Any]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP} non-empty stop strings of at most {MAX_STOP_CHARS} characters")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: one prompt string (or a list holding exactly one)."""
+
+    prompt: Union[str, list[str]]
+    echo: Literal[False] = False
+    best_of: Literal[1, None] = None
+    suffix: Literal[None] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt string is supported per request")
+            value = value[0]
+        return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message. ``untrusted: true`` (a safedecode extension) puts it in the content channel."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+    untrusted: bool = False
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Optional[bool] = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ToolDef]] = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    parallel_tool_calls: Optional[bool] = None
+
+
+__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "ToolDef", "SafedecodeOptions",
+           "MAX_BODY_BYTES", "MAX_POLICY_BYTES", "MAX_POLICY_RULES", "MAX_POLICY_REGEXES", "MAX_POLICY_STATES", "MAX_TOKENS_LIMIT", "MAX_STOP",
+           "MAX_TOOLS", "MAX_QUEUE", "DEFAULT_COMPLETION_TOKENS", "DEFAULT_CHAT_TOKENS"]
