@@ -173,6 +173,17 @@ def test_unguarded_says_it_guarded_never_and_the_stream_matches(client):
         assert not find_violations(policy, "".join(deltas[:end]))
 
 
+def test_the_response_carries_the_telemetry_report_when_asked(server):
+    body = {"model": MODEL, "messages": REPEAT_PASSWORD, "temperature": 0, "max_tokens": 12,
+            "safedecode": {"policy": PASSWORD, "report": True}}
+    answer = httpx.post(server + "/v1/chat/completions", json=body, timeout=180).json()
+    report = answer["safedecode"]["report"]
+    assert report["blocked_steps"] >= 1 and report["rules"] == ["pw"] and report["max_removed_mass"] > 0.5
+    assert not find_violations(Policy(**PASSWORD), answer["choices"][0]["message"]["content"] or "")
+    del body["safedecode"]["report"]
+    assert "safedecode" not in httpx.post(server + "/v1/chat/completions", json=body, timeout=180).json()
+
+
 def test_named_policy_guards_a_secret_in_completions(client):
     secrets = load_policy(GRAMMARS / "secrets.toml")
     prompt = "My OpenAI key is sk-proj-4f9Qk2LmZx81NwTb7yHc3VdE. Again, my OpenAI key is"

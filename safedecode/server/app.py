@@ -162,7 +162,8 @@ class Server:
         max_tokens = self._budget(DEFAULT_COMPLETION_TOKENS, len(ids), body.max_tokens)
         policy = options.policy
         guarded = policy is not None and (policy.forbid or policy.special_tokens == "forbid")
-        processor = SafeLogitsProcessor(compile_policy(policy, tokenizer)) if guarded else None
+        processor = SafeLogitsProcessor(compile_policy(policy, tokenizer), **options.telemetry_options()) if guarded \
+            else None
         vocabulary = processor.compiled.vocabulary if processor else _vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
         return Prepared(self._job(body, ids, processor, tracker, max_tokens), "completion", {})
@@ -175,7 +176,8 @@ class Server:
         models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
         encoded = conversation.encode(models or None)
         guard = conversation.guard(policy=options.policy, tools=models or None, allow_hosts=options.allow_hosts,
-                                   leak_window=options.leak_window, tool_choice=choice)
+                                   leak_window=options.leak_window, tool_choice=choice,
+                                   **options.telemetry_options())
         pause = self.format.tool_call_open.strip() if models else None
         tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
         max_tokens = self._budget(DEFAULT_CHAT_TOKENS, len(encoded), body.max_completion_tokens or body.max_tokens)
@@ -253,7 +255,8 @@ class Reply:
             if calls:
                 message["tool_calls"] = calls
             choice = {"message": message, "finish_reason": finish}
-        return self._envelope(choice, usage=self._usage(outcome))
+        extra = {"safedecode": {"report": outcome.report}} if outcome.report is not None else {}
+        return self._envelope(choice, usage=self._usage(outcome), **extra)
 
     def _chunk(self, text: Optional[str] = None, finish: Optional[str] = None, **delta) -> str:
         if self.prepared.kind == "completion":

@@ -142,6 +142,7 @@ class Outcome:
     finish_reason: str   # "stop", "length", "content_filter" (guard failed closed) or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    report: Optional[dict] = None  # blocked-mass telemetry, when the request asked for it
 
 
 @dataclass
@@ -274,8 +275,10 @@ class Engine:
             with torch.no_grad():
                 self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         text, content = tracker.final()
+        telemetry = getattr(job.processor, "telemetry", None)
         return Outcome(text=text, content=content, rest=tracker.rest(content), finish_reason=self._finish(job),
-                       prompt_tokens=len(job.input_ids), completion_tokens=tracker.tokens)
+                       prompt_tokens=len(job.input_ids), completion_tokens=tracker.tokens,
+                       report=telemetry.report() if telemetry is not None else None)
 
     @staticmethod
     def _finish(job: Job) -> str:
@@ -283,7 +286,8 @@ class Engine:
         if job.cancelled.is_set() and not (tracker.eos or tracker.stopped_at is not None):
             return "cancelled"
         states = getattr(job.processor, "states", None)
-        if states and any(state < 0 for state in states[0]):
+        telemetry = getattr(job.processor, "telemetry", None)
+        if (states and any(state < 0 for state in states[0])) or (telemetry is not None and telemetry.report()["stopped_early"]):
             return "content_filter"
         return "stop" if tracker.eos or tracker.stopped_at is not None else "length"
 

@@ -48,6 +48,14 @@ class RequestOptions:
     allow_hosts: tuple[str, ...] = ()
     untrusted: frozenset[int] = field(default_factory=frozenset)
     leak_window: Optional[int] = None
+    report: bool = False
+    stop_threshold: Optional[float] = None
+
+    def telemetry_options(self) -> dict:
+        """Keyword arguments for the guard's processor (empty: no telemetry)."""
+        if not (self.report or self.stop_threshold is not None):
+            return {}
+        return {"telemetry": True, "stop_threshold": self.stop_threshold}
 
 
 def available_policies() -> list[str]:
@@ -155,7 +163,10 @@ def resolve(options: Optional[SafedecodeOptions], xargs: Optional[dict], default
     return RequestOptions(policy=policy,
                           allow_hosts=tuple(dict.fromkeys(h for o in parts for h in o.allow_hosts)),
                           untrusted=frozenset(i for o in parts for i in o.untrusted),
-                          leak_window=windows.pop() if windows else None)
+                          leak_window=windows.pop() if windows else None,
+                          report=any(o.report for o in parts),
+                          stop_threshold=min((o.stop_threshold for o in parts if o.stop_threshold is not None),
+                                             default=None))
 
 
 __all__ = ["RequestOptions", "PolicyTooLarge", "resolve", "named_policy", "inline_policy", "merge",

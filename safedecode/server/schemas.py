@@ -43,7 +43,9 @@ class SafedecodeOptions(BaseModel):
     (``{"forbid": [...]}``) or a list of either; it is added to the server's ``--policy``, never
     replaces it. ``allow_hosts``: hosts links may point to (chat). ``untrusted``: indices of chat
     messages to put in the content channel (a message may also carry ``"untrusted": true``).
-    ``leak_window``: see :meth:`safedecode.Conversation.guard`.
+    ``leak_window``: see :meth:`safedecode.Conversation.guard`. ``report``: add the blocked-mass
+    telemetry (:mod:`safedecode.telemetry`) to the response as ``safedecode.report``;
+    ``stop_threshold``: end the answer (fail closed) once the removed mass stays above it for 3 steps.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -52,6 +54,8 @@ class SafedecodeOptions(BaseModel):
     allow_hosts: list[str] = Field(default_factory=list, max_length=256)
     untrusted: list[int] = Field(default_factory=list)
     leak_window: Optional[int] = None
+    report: bool = False
+    stop_threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
 
 
 class _Sampling(_Body):
