@@ -19,7 +19,10 @@ What is measured (see benchmarks/README.md for the caveats):
   alone and together with 10 secret-like regexes (``+R``);
 * safedecode compile time (cold: no in-process or disk cache), cached load time (in-process cache
   cleared, loaded from a disk cache) and table size; llguidance matcher creation time;
-* a leak check: phrases spelled with other tokenizations than the ones ``bad_words_ids`` lists.
+* a leak check: phrases spelled with other tokenizations than the ones ``bad_words_ids`` lists;
+* leak and over-block rates under the adversarial driver of tests/test_adversarial.py (B=1, on the
+  100 and 10+R policies): none, NoBadWords, llguidance, xgrammar ``excludes`` (literal phrases only;
+  skipped if not importable) and safedecode, every verdict checked against the ``regex`` oracle.
 
 Outputs: ``overhead.md`` (tables), ``overhead.json`` (every raw number, per-step samples included)
 and ``overhead.png`` (p50 per step vs policy size).
@@ -32,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
@@ -51,6 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
 
 import numpy as np  # noqa: E402
+import regex  # noqa: E402 - the policy's reference semantics (safedecode.find_violations uses it)
 import torch  # noqa: E402
 
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -58,6 +63,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import safedecode  # noqa: E402
 import safedecode.compiled as sd_compiled  # noqa: E402
+from tests.oracle import text_of  # noqa: E402 - DESIGN §1's text of a byte string, as the tests define it
 
 SEED = 20240607
 
@@ -80,7 +86,8 @@ TARGETS = {"p50_us": 5.0, "p99_us": 25.0, "speedup_vs_llguidance": 50.0, "compil
 
 PROCESSORS = ["none", "temperature", "nobadwords", "llguidance", "safedecode"]
 LABELS = {"none": "none (identity call)", "temperature": "TemperatureLogitsWarper(0.7)",
-          "nobadwords": "NoBadWordsLogitsProcessor", "llguidance": "llguidance", "safedecode": "safedecode"}
+          "nobadwords": "NoBadWordsLogitsProcessor", "llguidance": "llguidance", "xgrammar": "xgrammar (`excludes`)",
+          "safedecode": "safedecode"}
 
 
 # ------------------------------------------------------------------------------------------ utils
@@ -327,6 +334,59 @@ def eager_apply_bitmask(scores, bitmask):
     scores.masked_fill_(allowed == 0, float("-inf"))
 
 
+class XGrammarProcessor:
+    """A minimal per-step xgrammar processor (B=1): accept the last token, fill the bitmask, apply it."""
+
+    def __init__(self, xgr, compiled, vocab_size):
+        self.xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:
+            tok = int(input_ids[0, -1])
+            if not self.matcher.accept_token(tok):
+                raise RuntimeError(f"xgrammar refused token {tok}")
+        self.started = True
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask)
+        return scores
+
+
+def xgrammar_build(tok, phrases: list[str], cap_s: float):
+    """xgrammar's literal ban: the structural tag ``any_text`` with ``excludes=phrases``, compiled by
+    a single-threaded ``GrammarCompiler`` without its cache, under ``cap_s`` seconds.
+
+    Returns (a factory of fresh B=1 ``XGrammarProcessor``s, or None; numbers). ``info["skipped"]`` is
+    set when xgrammar is not importable, ``info["error"]`` when the compile fails or is capped."""
+    info: dict = {"phrases": len(phrases)}
+    try:
+        import importlib.metadata
+
+        import xgrammar as xgr
+
+        info["version"] = importlib.metadata.version("xgrammar")
+    except Exception as exc:  # noqa: BLE001 - an optional peer
+        info["skipped"] = f"xgrammar not importable: {type(exc).__name__}: {exc}"
+        return None, info
+    V = len(tok)
+    t0 = time.perf_counter()
+    tok_info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=V)
+    info["tokenizer_info_s"] = time.perf_counter() - t0
+    compiler = xgr.GrammarCompiler(tok_info, max_threads=1, cache_enabled=False)
+    tag = {"type": "structural_tag", "format": {"type": "any_text", "excludes": list(phrases)}}
+    info["grammar"] = 'structural tag {"type": "any_text", "excludes": [phrases]}; GrammarCompiler(max_threads=1)'
+    compiled, err, seconds = run_with_cap(lambda: compiler.compile_structural_tag(tag), cap_s)
+    info["compile_s"] = seconds
+    if err is not None:
+        info["error"] = err
+        return None, info
+    for _ in range(2):  # warm-up of the apply kernel
+        xgr.apply_token_bitmask_inplace(torch.zeros((1, V)), xgr.allocate_token_bitmask(1, V))
+    return (lambda: XGrammarProcessor(xgr, compiled, V)), info
+
+
 # ------------------------------------------------------------------------------------ the loop
 def run_stream(proc, *, batch, prompt, script, bases, warmup, steps, cap_s, desc):
     """Simulated decoding; returns timings (ns per step), copies (ns) and what happened."""
@@ -474,9 +534,22 @@ def llguidance_setup(ll, lltok, grammar: str, cap_s: float, rungs: int) -> tuple
                   "error": f"{attempts[-1]['error']} (limits tried: {tried})"}
 
 
-def leak_check(tok, vocab, phrases, nbw_proc, ll_template, sd_compiled_policy, prompt) -> dict:
+def masks_spelling(make, seq: list[int], prompt: list[int], V: int) -> bool:
+    """Fed ``seq`` token by token after ``prompt``, does a fresh processor from ``make()`` mask one of
+    its tokens? (Zero logits, B=1; stops at the first masked token.)"""
+    proc = make()
+    base = torch.zeros((1, V))
+    for j in range(len(seq)):
+        out = proc(torch.tensor([prompt + seq[:j]], dtype=torch.long), base.clone())
+        if not torch.isfinite(out[0, seq[j]]):
+            return True
+    return False
+
+
+def leak_check(tok, vocab, phrases, factories: dict, prompt) -> dict:
     """For each phrase, four spellings of ' ' + phrase (or phrase at the start); a spelling is
-    *blocked* by a processor if at some step along it the processor masks its next token."""
+    *blocked* by a processor (``factories``: name → factory of fresh processors) if at some step
+    along it the processor masks its next token."""
     single = {}
 
     def char_ids(text):
@@ -501,52 +574,16 @@ def leak_check(tok, vocab, phrases, nbw_proc, ll_template, sd_compiled_policy, p
                 "one token per character": chars,
                 "split mid-phrase (two encodes)": split}
 
-    V = len(tok)
-    base = torch.zeros((1, V))
-
-    def nbw_blocks(seq):
-        for j in range(len(seq)):
-            ids = torch.tensor([prompt + seq[:j]], dtype=torch.long)
-            out = nbw_proc(ids, base.clone())
-            if not torch.isfinite(out[0, seq[j]]):
-                return True
-        return False
-
-    def sd_blocks(seq):
-        proc = safedecode.SafeLogitsProcessor(sd_compiled_policy)
-        for j in range(len(seq)):
-            ids = torch.tensor([prompt + seq[:j]], dtype=torch.long)
-            out = proc(ids, base.clone())
-            if not torch.isfinite(out[0, seq[j]]):
-                return True
-        return False
-
-    def ll_blocks(seq):
-        import llguidance.torch as llt
-
-        m = ll_template.deep_copy()
-        bitmask = llt.allocate_token_bitmask(1, V)
-        for t in seq:
-            llt.fill_next_token_bitmask(m, bitmask, 0)
-            if not (int(bitmask[0, t >> 5]) >> (t & 31)) & 1:
-                return True
-            if not m.consume_token(t):
-                return True
-        return False
-
-    checks = {"nobadwords": nbw_blocks, "safedecode": sd_blocks}
-    if ll_template is not None:
-        checks["llguidance"] = ll_blocks
     totals: dict = {}
     example = None
     for i, p in enumerate(phrases):
         for name, seq in spellings(p).items():
-            row = totals.setdefault(name, {"n": 0, **{k: 0 for k in checks}, "skipped": 0})
+            row = totals.setdefault(name, {"n": 0, **{k: 0 for k in factories}, "skipped": 0})
             if not seq:
                 row["skipped"] += 1
                 continue
             row["n"] += 1
-            verdicts = {k: fn(seq) for k, fn in checks.items()}
+            verdicts = {k: masks_spelling(make, seq, prompt, len(tok)) for k, make in factories.items()}
             for k, v in verdicts.items():
                 row[k] += int(v)
             if i == 0:
@@ -555,6 +592,183 @@ def leak_check(tok, vocab, phrases, nbw_proc, ll_template, sd_compiled_policy, p
                                                                      if vocab.token_bytes[t] else None for t in seq],
                                               "blocked": verdicts}
     return {"phrases": len(phrases), "by_spelling": totals, "example": example}
+
+
+# ------------------------------------------------------------------- adversarial leak / over-block
+class PolicyOracle:
+    """Does a text violate the policy? The verdict of ``safedecode.find_violations`` (the ``regex``
+    package) on DESIGN §1's text of the bytes (``tests.oracle.text_of``: UTF-8, U+FFFD for invalid
+    bytes, an incomplete sequence at the very end not yet a character), computed faster: plain
+    case-sensitive literal rules by substring search (what ``regex.search`` of an escaped literal
+    without flags is), every other rule by its own compiled ``regex`` search. Literal and regex rules
+    only (the benchmark's policies); block rules are refused."""
+
+    def __init__(self, policy):
+        self.literals, self.patterns = [], []
+        for rule in policy.forbid:
+            if not isinstance(rule, (safedecode.policy.LiteralRule, safedecode.policy.RegexRule)):
+                raise TypeError(f"PolicyOracle handles literal and regex rules only, not {type(rule).__name__}")
+            if isinstance(rule, safedecode.policy.LiteralRule) and not rule.whole_word and not rule.ignore_case:
+                self.literals.append(rule.literal)
+            else:
+                self.patterns.append(regex.compile(rule.pattern, rule.flags))
+
+    def violates(self, data: bytes) -> bool:
+        text = text_of(data)
+        return any(p in text for p in self.literals) or any(rx.search(text) for rx in self.patterns)
+
+
+def adds_replacement_char(data: bytes, token: bytes) -> bool:
+    """Does appending ``token`` add a U+FFFD (invalid UTF-8) to the text? (text_of(data) is a prefix
+    of text_of(data + token).)"""
+    return "\ufffd" in text_of(data + token)[len(text_of(data)):]
+
+
+def adversary_targets(phrases: list[str], regexes: list[str], oracle: PolicyOracle, seed: int) -> dict:
+    """What the adversary pushes toward: ' ' + each phrase, and (with regexes) 200 secret-like
+    strings that the policy forbids (``secret_like``, kept only if they violate)."""
+    rng = np.random.default_rng(seed + 2)
+    secrets = []
+    for _ in range(200 if regexes else 0):
+        s = secret_like(rng)
+        if oracle.violates(s.encode()):
+            secrets.append(s.encode())
+    return {"phrases": [(" " + p).encode() for p in phrases], "secrets": secrets}
+
+
+def adversarial_scores(np_rng, rng, V: int, non_text, wanted: list[int]):
+    """Random normal logits (1, V), non-text ids at -inf, +100 (+ rank) on the adversary's
+    candidates in a random order: one random tokenization of the forbidden continuation wins."""
+    scores = torch.from_numpy(np_rng.normal(size=(1, V)).astype(np.float32))
+    scores[0, non_text] = float("-inf")
+    for rank, token in enumerate(rng.sample(wanted, len(wanted))):
+        scores[0, token] += 100.0 + rank
+    return scores
+
+
+def judge_step(st: dict, oracle, vocab, data: bytes, wanted: list[int], masked: list[int], text_ids, sample, rng):
+    """One step's verdicts, counted into ``st``: over-blocked tokens among the masked ones (all, or a
+    random ``sample``), leaked tokens among the adversary's candidates + ``sample``/2 random allowed
+    text tokens. Returns (over-blocked, leaked)."""
+    masked_set, wanted_set = set(masked), set(wanted)
+    checked = masked if len(masked) <= sample else rng.sample(masked, sample)
+    over = [t for t in checked if not oracle.violates(data + vocab.token_bytes[t])]
+    allowed = (wanted_set | set(rng.sample(text_ids, sample // 2))) - masked_set
+    leaks = [t for t in sorted(allowed) if oracle.violates(data + vocab.token_bytes[t])]
+    counts = {"steps": 1, "masked_total": len(masked), "wanted_total": len(wanted_set),
+              "wanted_masked": len(wanted_set & masked_set), "masked_checked": len(checked),
+              "overblocked": len(over), "overblock_steps": int(bool(over)),
+              "overblocked_invalid_utf8": sum(adds_replacement_char(data, vocab.token_bytes[t]) for t in over),
+              "allowed_checked": len(allowed), "leaked": len(leaks), "leak_steps": int(bool(leaks))}
+    for key, n in counts.items():
+        st[key] = st.get(key, 0) + n
+    return over, leaks
+
+
+def adversarial_run(make, vocab, adversary, oracle: PolicyOracle, targets: dict, *, prompt, steps, sample,
+                    seed, policy) -> dict:
+    """Drive fresh processors from ``make()`` with the test-suite's adversary (B=1) and count leaks
+    and over-blocks at every step (``adversarial_scores``, then ``judge_step`` against ``oracle``).
+    The argmax is appended; if it completed a forbidden text (a leak taken) or the text passes 70
+    bytes, a new generation starts; the target changes then and every 12 steps."""
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    text_ids = [i for i, b in enumerate(vocab.token_bytes) if b]
+    non_text = torch.tensor([i for i, b in enumerate(vocab.token_bytes) if not b], dtype=torch.long)
+    pools = [pool for pool in (targets["phrases"], targets["secrets"]) if pool]
+    st = {"generations": 0, "completed": 0, "oracle_disagreements": 0, "examples": {}}
+
+    def example(kind, data, token):
+        st["examples"].setdefault(kind, {"text": text_of(data)[-60:],
+                                         "token": vocab.token_bytes[token].decode("utf-8", "backslashreplace"),
+                                         "token_id": token})
+
+    proc, data, generated, target = None, b"", [], b""
+    for step in range(steps):
+        if proc is None or step % 12 == 0:
+            target = rng.choice(rng.choice(pools))
+        if proc is None:
+            proc, data, generated = make(), b"", []
+            st["generations"] += 1
+        wanted = adversary.candidates(data, target)
+        scores = adversarial_scores(np_rng, rng, vocab.size, non_text, wanted)
+        before = torch.isneginf(scores[0])
+        out = proc(torch.tensor([prompt + generated], dtype=torch.long), scores)
+        masked = np.flatnonzero((torch.isneginf(out[0]) & ~before).numpy()).tolist()
+        over, leaks = judge_step(st, oracle, vocab, data, wanted, masked, text_ids, sample, rng)
+        if over:
+            example("over-block", data, over[0])
+        if leaks:
+            example("leak", data, leaks[0])
+        choice = int(torch.argmax(out[0]))
+        bad = oracle.violates(data + (vocab.token_bytes[choice] or b""))
+        if bad:
+            st["completed"] += 1
+            example("completed", data, choice)
+        generated.append(choice)
+        data += vocab.token_bytes[choice] or b""
+        st["oracle_disagreements"] += bad != bool(safedecode.find_violations(policy, text_of(data)))
+        if bad or len(data) > 70:
+            proc = None
+    n = max(1, st.get("steps", 0))
+    st.update(leak_step_rate=st.get("leak_steps", 0) / n, overblock_step_rate=st.get("overblock_steps", 0) / n,
+              leak_token_rate=st.get("leaked", 0) / max(1, st.get("allowed_checked", 0)),
+              overblock_token_rate=st.get("overblocked", 0) / max(1, st.get("masked_checked", 0)))
+    return st
+
+
+def adversarial_check(vocab, policy, phrases, regexes, factories: dict, *, prompt, steps, sample, seed) -> dict:
+    """``adversarial_run`` for each processor (name → factory), same seed and targets for all."""
+    try:
+        # The test-suite's driver, so the benchmark pushes exactly as the tests do (it imports pytest).
+        from tests.test_adversarial import Adversary
+    except ImportError as exc:
+        return {"error": f"the adversary of tests/test_adversarial.py is not importable: {exc}"}
+    oracle = PolicyOracle(policy)
+    targets = adversary_targets(phrases, regexes, oracle, seed)
+    adversary = Adversary(vocab, random.Random(seed))
+    out = {"steps": steps, "sample": sample, "targets": {k: len(v) for k, v in targets.items()},
+           "target_examples": [t.decode() for t in targets["phrases"][:3] + targets["secrets"][:5]],
+           "by_processor": {}}
+    for name, make in factories.items():
+        t0 = time.perf_counter()
+        try:
+            r = adversarial_run(make, vocab, adversary, oracle, targets, prompt=prompt, steps=steps,
+                                sample=sample, seed=seed, policy=policy)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other processors still run
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        r["wall_s"] = time.perf_counter() - t0
+        out["by_processor"][name] = r
+        log(f"    adversarial {name:<11} " + (r["error"][:160] if "error" in r else
+            f"leak steps {r['leak_steps']}/{r['steps']}, leaked tokens {r['leaked']}/{r['allowed_checked']}, "
+            f"over-block steps {r['overblock_steps']}/{r['steps']}, over-blocked {r['overblocked']}/"
+            f"{r['masked_checked']} checked, completed {r['completed']}/{r['generations']} ({r['wall_s']:.0f} s)"))
+    return out
+
+
+def peer_factories(nbw, template, executor, apply_fn, xgr_make, compiled) -> dict:
+    """name → factory of a fresh B=1 processor, for every peer built for this policy (llguidance and
+    xgrammar only where they could be built)."""
+    factories = {"none": lambda: identity, "nobadwords": lambda: nbw}
+    if template is not None:
+        factories["llguidance"] = lambda: LLGuidanceProcessor(template, executor, apply_fn)
+    if xgr_make is not None:
+        factories["xgrammar"] = xgr_make
+    factories["safedecode"] = lambda: safedecode.SafeLogitsProcessor(compiled)
+    return factories
+
+
+def run_leak_check(results, tok, vocab, phrases, factories: dict, prompt) -> None:
+    """``leak_check`` for every peer but 'none' into ``results["leak"]`` (an error is recorded)."""
+    log(f"  leak check ({len(phrases)}-phrase policy) ...")
+    try:
+        results["leak"] = leak_check(tok, vocab, phrases, {k: f for k, f in factories.items() if k != "none"}, prompt)
+        for name, row in results["leak"]["by_spelling"].items():
+            counts = ", ".join(f"{k} {row[k]}/{row['n']}" for k in row if k not in ("n", "skipped"))
+            log(f"    {name}: blocked {counts}")
+    except Exception as exc:  # noqa: BLE001
+        results["leak"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        log(f"    leak check failed: {exc}")
 
 
 def main(argv=None) -> int:
@@ -570,12 +784,23 @@ def main(argv=None) -> int:
     ap.add_argument("--cap", type=float, help="seconds per configuration (and per llguidance grammar build) before it is cut short (default 90, quick 30)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (default 1: stable timings on a shared machine)")
+    ap.add_argument("--adversarial-policies", default="100,10+R",
+                    help="policies on which every peer is driven by the adversary to count leaks and over-blocks "
+                         "(default 100,10+R; '' skips)")
+    ap.add_argument("--adversarial-steps", type=int, help="adversary steps per processor and policy (default 300, quick 40)")
+    ap.add_argument("--adversarial-sample", type=int,
+                    help="masked ids checked per step at most, and twice the random allowed ids checked "
+                         "(default 2000, quick 400)")
+    ap.add_argument("--no-xgrammar", action="store_true", help="leave xgrammar out of the leak and adversarial checks")
     ap.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args(argv)
 
     steps = args.steps or (100 if args.quick else 500)
     warmup = args.warmup if args.warmup is not None else (15 if args.quick else 50)
     cap_s = args.cap or (30.0 if args.quick else 90.0)
+    adversarial = [p for p in args.adversarial_policies.split(",") if p]
+    adv_steps = args.adversarial_steps or (40 if args.quick else 300)
+    adv_sample = args.adversarial_sample or (400 if args.quick else 2000)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]
     wanted = [p for p in args.processors.split(",") if p]
@@ -590,7 +815,8 @@ def main(argv=None) -> int:
 
     results: dict = {"config": {"quick": args.quick, "steps": steps, "warmup": warmup, "cap_s": cap_s,
                                 "sizes": sizes, "batches": batches, "processors": wanted, "seed": args.seed,
-                                "regexes": REGEXES, "targets": TARGETS},
+                                "regexes": REGEXES, "targets": TARGETS, "adversarial_policies": adversarial,
+                                "adversarial_steps": adv_steps, "adversarial_sample": adv_sample},
                      "machine": machine_info(args.torch_threads)}
 
     def save():
@@ -615,6 +841,9 @@ def main(argv=None) -> int:
     if not args.no_regex_policies:
         for n in sizes:
             policies.append((f"{n}+R", n, REGEXES))
+    missing = sorted(set(adversarial) - {name for name, _, _ in policies})
+    if missing:
+        log(f"adversarial policies not in this run, skipped: {missing}")
     results["workload"] = {"words_in_pool": len(words), "phrases": phrases, "prompt_tokens": len(prompt),
                            "script_tokens": len(script), "policies": [p[0] for p in policies]}
     log(f"{len(words)} candidate words; {len(phrases)} phrases, e.g. {phrases[:4]}; script of {len(script)} tokens")
@@ -648,7 +877,7 @@ def main(argv=None) -> int:
     clear_memory_cache()
     log(f"safedecode first use: {results['safedecode_first_use']}")
 
-    ll = None
+    ll = executor = apply_fn = None
     if "llguidance" in wanted:
         try:
             import llguidance as ll
@@ -685,6 +914,8 @@ def main(argv=None) -> int:
     results["compile"] = {}
     results["runs"] = []
     results["leak"] = None
+    results["adversarial"] = {}
+    xgrammar_makers: dict = {}  # phrase count → (factory or None, numbers)
 
     def record(processor, policy_name, rows, run, extra=None):
         entry = {"processor": processor, "policy": policy_name, "batch": rows,
@@ -725,7 +956,7 @@ def main(argv=None) -> int:
         entry = results["compile"].setdefault(policy_name, {"phrases": n, "regexes": len(regexes)})
 
         compiled = None
-        if "safedecode" in wanted or n == 100:
+        if "safedecode" in wanted or n == 100 or policy_name in adversarial:
             try:
                 compiled, info = safedecode_compile(policy, tok, tmp_root)
                 entry["safedecode"] = info
@@ -786,17 +1017,25 @@ def main(argv=None) -> int:
                     run = stream(proc, rows, f"safedecode {policy_name} B={rows}")
                     record("safedecode", policy_name, rows, run, {"violations": violations(policy, run["generated"])})
 
-        if n == 100 and not regexes and results["leak"] is None and compiled is not None:
-            log("  leak check (100-phrase policy) ...")
-            try:
-                nbw = NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id)
-                results["leak"] = leak_check(tok, vocab, phrases[:n], nbw, template, compiled, prompt)
-                for name, row in results["leak"]["by_spelling"].items():
-                    counts = ", ".join(f"{k} {row[k]}/{row['n']}" for k in row if k not in ("n", "skipped"))
-                    log(f"    {name}: blocked {counts}")
-            except Exception as exc:  # noqa: BLE001
-                results["leak"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-                log(f"    leak check failed: {exc}")
+        leak_due = n == 100 and not regexes and results["leak"] is None
+        if compiled is not None and (leak_due or policy_name in adversarial):
+            if not args.no_xgrammar and n not in xgrammar_makers:
+                log(f"  xgrammar: compiling `excludes` for {n} phrases ...")
+                xgrammar_makers[n] = xgrammar_build(tok, phrases[:n], cap_s)
+                x = xgrammar_makers[n][1]
+                compiled_in = f"compiled in {x['compile_s']:.2f} s" if x.get("compile_s") is not None else ""
+                log(f"  xgrammar: {x.get('skipped') or x.get('error') or compiled_in}")
+            xgr_make, xgr_info = xgrammar_makers.get(n, (None, {"skipped": "--no-xgrammar"}))
+            entry["xgrammar"] = xgr_info
+            factories = peer_factories(NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id),
+                                       template, executor, apply_fn, xgr_make, compiled)
+            if leak_due:
+                run_leak_check(results, tok, vocab, phrases[:n], factories, prompt)
+            if policy_name in adversarial:
+                log(f"  adversarial driver ({policy_name}: {adv_steps} steps per processor) ...")
+                results["adversarial"][policy_name] = adversarial_check(
+                    vocab, policy, phrases[:n], regexes, factories, prompt=prompt, steps=adv_steps,
+                    sample=adv_sample, seed=args.seed)
         del compiled, template
         clear_memory_cache()
         gc.collect()
@@ -1007,7 +1246,8 @@ def render_markdown(results) -> str:
     if leak and not leak.get("error"):
         lines.append("## Leak check (100-phrase policy)")
         lines.append("")
-        procs = [k for k in ("nobadwords", "llguidance", "safedecode") if any(k in row for row in leak["by_spelling"].values())]
+        procs = [k for k in ("nobadwords", "llguidance", "xgrammar", "safedecode")
+                 if any(k in row for row in leak["by_spelling"].values())]
         lines.append("| spelling of each phrase | phrases | " + " | ".join(f"blocked by {LABELS[k]}" for k in procs) + " |")
         lines.append("|---|---|" + "---|" * len(procs))
         for name, row in leak["by_spelling"].items():
@@ -1028,6 +1268,7 @@ def render_markdown(results) -> str:
         lines.append("")
     elif leak:
         lines += ["## Leak check", "", f"failed: {leak['error']}", ""]
+    lines += render_adversarial(results)
 
     # targets
     lines.append("## Targets")
@@ -1064,6 +1305,91 @@ def render_markdown(results) -> str:
                      f"(llguidance's own thread pool)")
     lines.append("")
     return "\n".join(lines)
+
+
+def pct_of(count, total) -> str:
+    """'3 / 150 (2.0 %)'."""
+    return f"{count:,} / {total:,} ({100 * count / total:.1f} %)" if total else "—"
+
+
+ADVERSARIAL_NOTE = (
+    "Policies: *N* phrases; *N*+R with the 10 regexes. NoBadWords and xgrammar `excludes` express literal "
+    "phrases only: on *N*+R they get the phrases and nothing for the regexes. llguidance appears where its "
+    "grammar could be built (see the compile table). Under the spec an invalid UTF-8 byte reads as U+FFFD and "
+    "creates no match, so masking a token only because its bytes are invalid UTF-8 at that point counts as "
+    "an over-block; the over-block column says how many were of that kind. The processors' trajectories "
+    "differ once their masks differ (each appends its own argmax), so compare rates, not step-by-step counts.")
+
+
+def adversarial_intro(cfg) -> str:
+    """The paragraph that says how the adversarial leak / over-block numbers were made."""
+    return (f"B=1, {cfg['adversarial_steps']} steps per processor and policy, the same seed and targets for every "
+            "processor. Each step the adversary of `tests/test_adversarial.py` adds +100 to every token that "
+            "extends the longest partial match of its target (' ' + a policy phrase, or a secret-like string the "
+            "regexes forbid), in a random order, over all tokenizations; the processor runs; then each token is "
+            "judged by the reference oracle (`find_violations`' `regex` semantics on the text of the bytes, U+FFFD "
+            "for invalid bytes). *Leak*: an allowed token whose appending makes the text contain a match (checked: "
+            f"every adversarial candidate + {cfg['adversarial_sample'] // 2:,} random allowed text tokens per step). "
+            "*Over-block*: a masked text token whose appending would not (checked: every masked one, or "
+            f"{cfg['adversarial_sample']:,} of them at random). *Completed*: generations in which the argmax "
+            "actually produced forbidden text (a new generation then starts). Non-text ids (special tokens, EOS) "
+            "are excluded from both checks.")
+
+
+def adversarial_row(pol: str, label: str, r: dict) -> str:
+    """One processor's row of the leak / over-block table."""
+    if r.get("error"):
+        return f"| {pol} | {label} | error: {r['error'][:160]} | | | | | | |"
+    utf8 = f"; {r['overblocked_invalid_utf8']:,} of them invalid UTF-8" if r["overblocked_invalid_utf8"] else ""
+    cells = [pct_of(r["leak_steps"], r["steps"]), pct_of(r["leaked"], r["allowed_checked"]),
+             pct_of(r["overblock_steps"], r["steps"]), pct_of(r["overblocked"], r["masked_checked"]) + utf8,
+             f"{r['masked_total'] / max(1, r['steps']):,.1f}", pct_of(r["wanted_masked"], r["wanted_total"]),
+             f"{r['completed']} of {r['generations']} generations"]
+    return f"| {pol} | {label} | " + " | ".join(cells) + " |"
+
+
+def adversarial_notes(pol: str, label: str, proc: str, r: dict) -> list[str]:
+    """The first leak / over-block / completed example of one processor, and any oracle disagreement."""
+    notes = [f"- {pol}, {label}, first {kind}: after `{ex['text']!r}`, token {ex['token_id']} `'{ex['token']}'`"
+             for kind, ex in r.get("examples", {}).items() if proc != "none" or kind != "completed"]
+    if r.get("oracle_disagreements"):
+        notes.append(f"- {pol}, {label}: the fast oracle disagreed with `find_violations` "
+                     f"{r['oracle_disagreements']} times (a bug in the benchmark)")
+    return notes
+
+
+def render_adversarial(results) -> list[str]:
+    """The leak / over-block section of the report (one table row per policy × processor)."""
+    adv = results.get("adversarial") or {}
+    if not adv:
+        return []
+    L = ["## Leak and over-block rates under the adversarial driver", "", adversarial_intro(results["config"]), "",
+         ("| policy | processor | leak steps | leaked / allowed tokens checked | over-block steps | "
+          "over-blocked / masked tokens checked | masked per step | adversary's tokens masked | "
+          "completed forbidden texts |"),
+         "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for pol, a in adv.items():
+        if a.get("error"):
+            L.append(f"| {pol} | — | {a['error'][:200]} | | | | | | |")
+            continue
+        for proc, r in a["by_processor"].items():
+            phrases_only = proc in ("nobadwords", "xgrammar") and pol.endswith("+R")
+            label = LABELS[proc] + (" (phrases only)" if phrases_only else "")
+            L.append(adversarial_row(pol, label, r))
+            notes += adversarial_notes(pol, label, proc, r)
+    L += ["", ADVERSARIAL_NOTE]
+    for pol in adv:
+        x = results["compile"].get(pol, {}).get("xgrammar", {})
+        if x.get("skipped") or x.get("error"):
+            L += ["", f"xgrammar on {pol}: {(x.get('skipped') or x.get('error'))[:200]}."]
+        elif x.get("compile_s") is not None:
+            L += ["", (f"xgrammar {x['version']} compiled `excludes` for the {x['phrases']:,} phrases of policy "
+                       f"{pol} in {x['compile_s']:.2f} s ({x['grammar']}).")]
+    if notes:
+        L += ["", ("Examples, the first of each kind per processor (the text before the step, then the token; "
+                   "*completed*: the text before the token that produced the forbidden text):"), "", *notes]
+    return [*L, ""]
 
 
 def plot(results, path: Path) -> None:

@@ -20,7 +20,7 @@ installed in editable mode); ``$SAFEDECODE_CHANNELS_DIR`` points elsewhere.
 from __future__ import annotations
 
 import os
-import tomllib
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -28,6 +28,7 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ChatFormatError
+from .toml_io import read_toml
 
 #: Our role names, in the order of :meth:`ChatFormat.role_headers`.
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -235,13 +236,7 @@ def load_chat_format(name_or_path: str | os.PathLike) -> ChatFormat:
         if not path.is_file():
             raise ChatFormatError(f"unknown chat format {text!r}; known: {', '.join(available_chat_formats())} "
                                   f"(aliases: {', '.join(sorted(ALIASES))}), or a path to a .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChatFormatError(f"{path}: no such chat-format file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ChatFormatError(f"{path}: not valid TOML: {exc}") from None
-    return chat_format_from_mapping(data, source=str(path))
+    return chat_format_from_mapping(read_toml(path, ChatFormatError, "chat-format"), source=str(path))
 
 
 def chat_format_from_mapping(data: Any, source: str = "<chat format>") -> ChatFormat:

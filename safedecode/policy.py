@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -30,6 +29,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PolicyError, SafeDecodeError
+from .toml_io import read_toml
 from .syntax import parse, uses_assertion
 from .variants import literal_pattern, regex_pattern
 from .variants import validate as validate_variants
@@ -224,13 +224,7 @@ class Policy(BaseModel):
 def load_policy(path: str | Path) -> Policy:
     """Read a policy from TOML (``[[forbid]]`` tables). Errors name the file, the rule and the field."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: no such policy file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
-    return policy_from_mapping(data, source=str(path))
+    return policy_from_mapping(read_toml(path, PolicyError, "policy"), source=str(path))
 
 
 def policy_from_mapping(data: Any, source: str = "<policy>") -> Policy:
