@@ -27,9 +27,15 @@ demo: env
 test: env
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Every figure of the README, in order: engine overhead and scale (peers side by side), telemetry
+# cost, the injection corpus, the red-team evaluation and the server load test (~1 h on 2 cores).
 bench: env
 	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/scale.py $(SCALE_ARGS)
+	$(PY) benchmarks/telemetry_cost.py
+	$(PY) benchmarks/injection.py
+	$(PY) benchmarks/redteam.py
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) .cache
