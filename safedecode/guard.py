@@ -5,7 +5,8 @@
   * **control tokens**: every special id except EOS and end-of-turn is masked in every state, and
     their text (``<|im_start|>`` written with ordinary tokens) is a forbidden phrase, as are the
     tool-result tags (the output cannot fake a tool response);
-  * **delimiters and nonce**: the content delimiter markers and the request's nonce;
+  * **delimiters and nonce**: the content delimiter markers (any case and spacing, and near misses
+    such as ``<<untrustable``) and the request's nonce (any case);
   * **system-prompt leaks**: every ``leak_window``-character span of the system text (so no span of
     that length or more can be copied verbatim); default :data:`DEFAULT_LEAK_WINDOW`;
   * **links**: URLs, markdown links/images and autolinks only to ``allow_hosts``
@@ -33,7 +34,6 @@ from typing import Iterable, Optional
 import regex
 
 from .compiled import _vocabulary_of, combine, compile_policy
-from .conversation import DELIMITER_MARKERS
 from .errors import PolicyError
 from .exfil import exfiltration_rules
 from .negation import departure_regex
@@ -60,7 +60,8 @@ def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: It
     fmt = conversation.format
     texts = set(fmt.control_tokens) | {fmt.tool_result_open.strip(), fmt.tool_result_close.strip()}
     rules = [{"id": "channel:control-text", "literal": t} for t in sorted(texts) if t]
-    rules += [{"id": "channel:delimiter", "literal": marker} for marker in DELIMITER_MARKERS]
+    # The delimiters' markers in any case and spacing, and near misses ("<<untrustable").
+    rules.append({"id": "channel:delimiter", "regex": r"<<\s*/?\s*untrust", "ignore_case": True})
     rules += exfiltration_rules(allow_hosts)
     rules += _tool_rules(conversation, tools, tool_choice)
     rules += list(policy.forbid) if policy is not None else []
@@ -71,7 +72,7 @@ def request_policy(conversation, nonce: str, leak_window: int) -> Policy:
     """The per-request part: the nonce and every ``leak_window``-character span of the system text."""
     system = conversation.system_text
     spans = sorted({system[i:i + leak_window] for i in range(len(system) - leak_window + 1)})
-    rules = [{"id": "channel:nonce", "literal": nonce}]
+    rules = [{"id": "channel:nonce", "literal": nonce, "ignore_case": True}]
     rules += [{"id": "channel:system-leak", "literal": span} for span in spans if span.strip()]
     return Policy(forbid=rules)
 
