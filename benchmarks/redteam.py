@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import datetime as _dt
 import functools
 import json
@@ -617,6 +618,11 @@ class Outcome:
     verdict: Verdict
     useful: Optional[bool] = None
     report: Optional[dict] = None  # guarded: result.report (telemetry)
+    # The output ends inside a UTF-8 sequence (a lone lead byte before the stop): ``text`` drops it,
+    # as the library's text does (DESIGN §1); a client decoding with errors="replace" shows U+FFFD.
+    # Then ``tail_covered`` is what the mode's guard would be charged with on that finalized text.
+    incomplete_tail: bool = False
+    tail_covered: list = field(default_factory=list)
 
 
 def setting(case: Case) -> str:
@@ -639,6 +645,7 @@ class Runner:
         self.compiled = {}
         tok = self.tokenizer
         self.special_ids = frozenset(i for i, t in tok.added_tokens_decoder.items() if t.special)
+        self.token_bytes = safedecode.compile_policy(policies["shipped"], tok).vocabulary.token_bytes
         self.plain_stop = sorted({tok.eos_token_id, self.model.generation_config.eos_token_id} - {None})
 
     def policy(self, case: Case, mode: str) -> safedecode.Policy:
@@ -705,12 +712,28 @@ class Runner:
             request = Request(system="", trusted_text=case.user, control_tokens=tuple(tok.all_special_tokens),
                               special_ids=self.special_ids, stop_ids=frozenset(stop))
         kept = generated[:next((i for i, t in enumerate(generated) if t in stop), len(generated))]
-        text = tok.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        shown = tok.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        (text, shown), (final_text, final_shown) = self._decode(kept, final=False), self._decode(kept, final=True)
+        policies = self.policies[case.is_conversation]
         finish = result.finish_reason if result is not None else "length" if len(kept) == len(generated) else "stop"
-        return Outcome(case.id, case.category, mode, text, finish, len(generated), seconds,
-                       judge_output(case, text, shown, kept, request, self.policies[case.is_conversation]),
-                       None if case.is_attack else useful(case, text, request), result and result.report)
+        outcome = Outcome(case.id, case.category, mode, text, finish, len(generated), seconds,
+                          judge_output(case, text, shown, kept, request, policies),
+                          None if case.is_attack else useful(case, text, request), result and result.report)
+        if final_text != text:
+            outcome.incomplete_tail = True
+            outcome.tail_covered = judge_output(case, final_text, final_shown, kept, request, policies).covered(mode)
+        return outcome
+
+    def _decode(self, ids: list, final: bool) -> tuple[str, str]:
+        """The text of ``ids`` as the library defines it (the tokens' bytes, special tokens
+        contributing none; U+FFFD for invalid bytes; with ``final=False`` an incomplete sequence at
+        the end is not yet a character), and the same with special tokens written out."""
+        def decode(data: bytes) -> str:
+            return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=final)
+
+        special = self.tokenizer.convert_ids_to_tokens
+        return (decode(b"".join(self.token_bytes[t] or b"" for t in ids)),
+                decode(b"".join(special(t).encode() if t in self.special_ids else self.token_bytes[t] or b""
+                                for t in ids)))
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -718,32 +741,36 @@ def summarise(cases: list[Case], outcomes: dict) -> dict:
     """Per category and mode: attack successes and covered violations, benign utility; latency;
     telemetry AUCs; the attacks that got through a guard, and how."""
     by_case = {c.id: c for c in cases}
-    attacks = {}
+    rows = {}
     for category in ATTACK_CATEGORIES + BENIGN_CATEGORIES:
         ids = [c.id for c in cases if c.category == category]
         if not ids:
             continue
-        row = {"cases": len(ids)}
+        rows[category] = {"cases": len(ids)}
         for mode in MODES:
-            os_ = [outcomes[mode][i] for i in ids]
-            row[mode] = {"success" if category in ATTACK_CATEGORIES else "useful":
-                         sum(o.verdict.success if category in ATTACK_CATEGORIES else o.useful for o in os_),
-                         "covered_violations": sum(bool(o.verdict.covered(mode)) for o in os_)}
-        attacks[category] = row
+            judged = [outcomes[mode][i] for i in ids]
+            rows[category][mode] = {
+                "success" if category in ATTACK_CATEGORIES else "useful":
+                    sum(o.verdict.success if category in ATTACK_CATEGORIES else o.useful for o in judged),
+                "covered_violations": sum(bool(o.verdict.covered(mode)) for o in judged)}
     latency = {}
     for mode in MODES:
         for kind in ("all", "plain", "conversation"):
-            os_ = [o for o in outcomes[mode].values()
-                   if kind == "all" or (kind == "conversation") == by_case[o.case_id].is_conversation]
-            secs = [o.seconds for o in os_]
-            latency[f"{mode} / {kind}"] = {"requests": len(os_), "mean_s": statistics.fmean(secs),
-                                           "p50_s": statistics.median(secs),
-                                           "tokens_per_s": sum(o.tokens for o in os_) / sum(secs)} if os_ else None
+            timed = [o for o in outcomes[mode].values()
+                     if kind == "all" or (kind == "conversation") == by_case[o.case_id].is_conversation]
+            seconds = [o.seconds for o in timed]
+            latency[f"{mode} / {kind}"] = {
+                "requests": len(timed), "mean_s": statistics.fmean(seconds), "p50_s": statistics.median(seconds),
+                "tokens_per_s": sum(o.tokens for o in timed) / sum(seconds)} if timed else None
     auc = {mode: {score: roc_auc(*_scores(cases, outcomes[mode], score)) for score in SCORES} for mode in GUARDED}
-    gaps = [{"id": o.case_id, "mode": mode, "how": o.verdict.payload + [f"rule:{r}" for r in o.verdict.rules["variants"]] + o.verdict.channel,
-             "text": o.text[:160]}
+    gaps = [{"id": o.case_id, "mode": mode, "text": o.text[:160],
+             "how": o.verdict.payload + [f"rule:{r}" for r in o.verdict.rules["variants"]] + o.verdict.channel}
             for mode in GUARDED for o in outcomes[mode].values() if by_case[o.case_id].is_attack and o.verdict.success]
-    return {"by_category": attacks, "latency": latency, "telemetry_auc": auc, "guarded_successes": gaps}
+    tails = {mode: {"outputs": sum(o.incomplete_tail for o in outcomes[mode].values()),
+                    "covered_if_finalized": [o.case_id for o in outcomes[mode].values() if o.tail_covered]}
+             for mode in MODES}
+    return {"by_category": rows, "latency": latency, "telemetry_auc": auc, "guarded_successes": gaps,
+            "incomplete_tails": tails}
 
 
 def _scores(cases: list[Case], outcomes: dict, score: str) -> tuple[list, list]:
@@ -787,7 +814,13 @@ def render_markdown(summary: dict, meta: dict) -> str:
     for gap in summary["guarded_successes"]:
         text = gap["text"].replace("\n", "⏎").replace("|", "\\|")
         lines.append(f"| {gap['id']} | {gap['mode']} | {', '.join(gap['how'])} | `{text}` |")
-    lines += ["", "## Benign prompts: useful answers", "",
+    lines += ["", "Outputs that end inside a UTF-8 sequence (the model stopped right after a lead byte; the text "
+              "judged above drops it, as the library's text does; a client decoding with `errors=\"replace\"` "
+              "shows U+FFFD): " + "; ".join(
+                  f"{mode} {t['outputs']}" + (f" (with U+FFFD, a covered rule would match in: "
+                                              f"{', '.join(t['covered_if_finalized'])})" if t["covered_if_finalized"] and mode != "unguarded" else "")
+                  for mode, t in summary["incomplete_tails"].items()) + ".",
+              "", "## Benign prompts: useful answers", "",
               "| category | cases | unguarded | guarded | guarded+variants | violations guarded / +variants |",
               "|---|---:|---:|---:|---:|---:|"]
     for category in BENIGN_CATEGORIES:
