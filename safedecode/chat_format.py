@@ -14,8 +14,8 @@ Invariants:
   * bad input raises exactly one :class:`ChatFormatError` (never a raw pydantic error) naming the
     file (when loading) and the field, e.g. ``chatml.toml: field 'roles.user.turn_start': ...``.
 
-The shipped formats live in ``channels/`` at the repository root (next to the package, which is
-installed in editable mode); ``$SAFEDECODE_CHANNELS_DIR`` points elsewhere.
+The shipped formats live in ``channels/`` at the repository root and ship in the wheel
+(:mod:`safedecode.resources`); ``$SAFEDECODE_CHANNELS_DIR`` adds directories.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ChatFormatError
+from .resources import CHANNELS_ENV, catalogue, find  # noqa: F401  (CHANNELS_ENV: re-exported)
 from .toml_io import read_toml
 
 #: Our role names, in the order of :meth:`ChatFormat.role_headers`.
@@ -37,8 +38,6 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 ALIASES = {"hermes": "chatml", "qwen": "chatml", "smollm": "chatml", "smollm2": "chatml",
            "llama-3": "llama3"}
 
-#: Environment variable naming the directory of chat-format files (default: ``<repo>/channels``).
-CHANNELS_ENV = "SAFEDECODE_CHANNELS_DIR"
 
 _Text = Annotated[str, Field(min_length=1)]
 # TOML arrays arrive as lists: the tuple fields accept them (strict=False), their items stay strict.
@@ -203,25 +202,10 @@ def _describe(err: dict) -> str:
     return f"field '{field}': {what}"
 
 
-def channels_dir() -> Path:
-    """The directory of chat-format files: ``$SAFEDECODE_CHANNELS_DIR`` if set, else the
-    ``channels/`` directory next to the ``safedecode`` package."""
-    override = os.environ.get(CHANNELS_ENV)
-    if override:
-        path = Path(override)
-        if not path.is_dir():
-            raise ChatFormatError(f"${CHANNELS_ENV} = {override!r} is not a directory")
-        return path
-    path = Path(__file__).resolve().parent.parent / "channels"
-    if not path.is_dir():
-        raise ChatFormatError(f"the chat-format directory {path} was not found: install safedecode from "
-                              f"its repository in editable mode, or set ${CHANNELS_ENV}")
-    return path
-
-
 def available_chat_formats() -> list[str]:
-    """The names of the chat formats in :func:`channels_dir`, sorted."""
-    return sorted(p.stem for p in channels_dir().glob("*.toml"))
+    """The names of the chat formats: the shipped ones and those of ``$SAFEDECODE_CHANNELS_DIR``
+    (:mod:`safedecode.resources`), sorted."""
+    return list(catalogue("chat-format", ChatFormatError))
 
 
 def load_chat_format(name_or_path: str | os.PathLike) -> ChatFormat:
@@ -229,14 +213,14 @@ def load_chat_format(name_or_path: str | os.PathLike) -> ChatFormat:
     Errors name the file and the field."""
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or os.sep in text or "/" in text:
-        path = Path(text)
+        entry = Path(text)
     else:
         key = ALIASES.get(text.lower(), text.lower())
-        path = channels_dir() / f"{key}.toml"
-        if not path.is_file():
-            raise ChatFormatError(f"unknown chat format {text!r}; known: {', '.join(available_chat_formats())} "
-                                  f"(aliases: {', '.join(sorted(ALIASES))}), or a path to a .toml file")
-    return chat_format_from_mapping(read_toml(path, ChatFormatError, "chat-format"), source=str(path))
+        try:
+            entry = find("chat-format", key, ChatFormatError)
+        except ChatFormatError as exc:
+            raise ChatFormatError(f"{exc} (aliases: {', '.join(sorted(ALIASES))}), or a path to a .toml file") from None
+    return chat_format_from_mapping(read_toml(entry, ChatFormatError, "chat-format"), source=str(entry))
 
 
 def chat_format_from_mapping(data: Any, source: str = "<chat format>") -> ChatFormat:

@@ -1,7 +1,7 @@
-"""The ``safedecode`` command line: generate, check, compile, verify, demo, bench, serve.
+"""The ``safedecode`` command line: policies, check, compile, verify, generate, demo, serve, bench.
 
 Exit codes: 0 success; 1 ``check`` found a violation or ``verify`` a counterexample; 2 bad input
-(the message names the problem).
+or a missing optional dependency (the message names the problem).
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from . import __version__  # noqa: E402
 from .compiler import DEFAULT_MAX_STATES  # noqa: E402
-from .errors import SafeDecodeError  # noqa: E402
-from .policy import find_violations, load_policy  # noqa: E402
+from .errors import MissingDependencyError, SafeDecodeError  # noqa: E402
+from .policy import available_policies, find_violations, load_policy  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+POLICY_HELP = "policy name (see `safedecode policies`) or path to a TOML file"
+TOKENIZER_HELP = "default (the embedded SmolLM2) | qwen2.5 | qwen3.6 | a local HF tokenizer directory"
 
 
 def _tokenizer(name: str):
@@ -77,6 +79,17 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_policies(args) -> int:
+    policies = available_policies()
+    if args.json:
+        print(json.dumps(policies, indent=2))
+        return 0
+    width = max((len(name) for name in policies), default=0)
+    for name, description in policies.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .compiled import compile_policy
 
@@ -84,7 +97,7 @@ def cmd_compile(args) -> int:
     tokenizer = _tokenizer(args.tokenizer)
     start = time.perf_counter()
     compiled = compile_policy(policy, tokenizer, max_states=args.max_states, cache_dir=not args.no_cache,
-                              progress=sys.stderr.isatty())
+                              progress=not args.quiet)
     stats = dict(compiled.stats, wall_seconds=round(time.perf_counter() - start, 4), policy=str(args.policy),
                  policy_hash=policy.digest(), vocabulary_hash=compiled.vocabulary.digest())
     if args.json:
@@ -111,7 +124,7 @@ def cmd_verify(args) -> int:
     policy = load_policy(args.policy)
     tokenizer = _tokenizer(args.tokenizer)
     try:
-        certificate = verify(policy, tokenizer, max_states=args.max_states, progress=sys.stderr.isatty())
+        certificate = verify(policy, tokenizer, max_states=args.max_states, progress=not args.quiet)
     except VerificationFailed as failure:
         print(json.dumps({"verified": False, "policy": str(args.policy), "error": str(failure),
                           "counterexample": failure.counterexample}, indent=2, ensure_ascii=False))
@@ -127,9 +140,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    script = REPO_ROOT / "benchmarks" / "overhead.py"
+    script = Path("benchmarks") / "overhead.py"
     if not script.is_file():
-        raise SafeDecodeError(f"bench: {script} not found (run from a source checkout of safedecode)")
+        raise SafeDecodeError(f"bench: {script} not found: the benchmarks are not part of the installed package; "
+                              f"run this from a source checkout of safedecode (its top directory)")
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
@@ -139,64 +153,83 @@ def cmd_serve(args) -> int:
     return serve(model=args.model, policy=args.policy, host=args.host, port=args.port, max_queue=args.max_queue)
 
 
+def _policy_option(p, required: bool = True, help: str = POLICY_HELP) -> None:
+    p.add_argument("--policy", required=required, metavar="NAME|PATH", help=help)
+
+
+def _compile_options(p) -> None:
+    p.add_argument("--tokenizer", default="default", help=TOKENIZER_HELP)
+    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES,
+                   help=f"DFA state limit per rule and per component (default {DEFAULT_MAX_STATES:,})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedecode", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"safedecode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("policies", help="list the shipped and configured policies with their descriptions")
+    p.add_argument("--json", action="store_true", help="print {name: description} as JSON")
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("check", help="report the policy's violations in a text (exit 1 if any)")
+    _policy_option(p)
+    p.add_argument("path", nargs="?", default="-", help="file to check, or - for standard input (default)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("compile", help="compile a policy and report states, components, memory and time")
+    _policy_option(p)
+    _compile_options(p)
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not write the disk cache")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("verify", help="exhaustively check every reachable state's mask; print a JSON certificate")
+    _policy_option(p)
+    _compile_options(p)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate with the embedded SmolLM2 under a policy")
-    p.add_argument("--policy", required=True, type=Path)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    _policy_option(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
     p.add_argument("--raw", action="store_true", help="send PROMPT as raw text, not as a chat message")
     p.add_argument("--report", action="store_true",
                    help="print the blocked-mass telemetry (removed probability, rules) as JSON on stderr")
     p.add_argument("--stop-threshold", type=float, default=None,
                    help="end generation (fail closed) once the removed mass stays above this for 3 steps")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the user message (or, with --raw, the raw prompt text)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("check", help="report the policy's violations in a text (exit 1 if any)")
-    p.add_argument("--policy", required=True, type=Path)
-    p.add_argument("path", nargs="?", default="-", help="file to check, or - for standard input")
-    p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("compile", help="compile a policy and report states, components, memory and time")
-    p.add_argument("--policy", required=True, type=Path)
-    p.add_argument("--tokenizer", default="default", help="default | qwen2.5 | qwen3.6 | HF tokenizer directory")
-    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES)
-    p.add_argument("--no-cache", action="store_true", help="ignore and do not write the disk cache")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compile)
-
-    p = sub.add_parser("verify", help="exhaustively check every reachable state's mask; print a JSON certificate")
-    p.add_argument("--policy", required=True, type=Path)
-    p.add_argument("--tokenizer", default="default", help="default | qwen2.5 | qwen3.6 | HF tokenizer directory")
-    p.add_argument("--max-states", type=int, default=DEFAULT_MAX_STATES)
-    p.set_defaults(func=cmd_verify)
-
     p = sub.add_parser("demo", help="unguarded vs guarded answers of the embedded model, side by side")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")
     p.add_argument("--width", type=int, default=0, help="terminal width (default: detect)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="run benchmarks/overhead.py (extra arguments are passed on)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn); every answer guarded")
     p.add_argument("--model", default="default", help="default (embedded SmolLM2) | local HF model directory")
-    p.add_argument("--policy", type=Path, help="server policy (TOML), applied to every request")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    _policy_option(p, required=False, help=f"server policy, applied to every request: {POLICY_HELP}")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-queue", type=int, help="waiting requests beyond this get HTTP 503 (default 256)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="run benchmarks/overhead.py of a source checkout; every further "
+                                     "argument (--quick, ...) is passed on to it", add_help=False)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to the benchmark script
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
-    except SafeDecodeError as exc:
+    except (SafeDecodeError, MissingDependencyError) as exc:
         print(f"safedecode: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

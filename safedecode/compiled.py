@@ -11,11 +11,13 @@ every thread, request and processor. Adapters only use its small interface: ``st
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import tempfile
+import sys
 import threading
 import time
 import warnings
@@ -128,7 +130,9 @@ def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_S
     """Compile ``policy`` against ``tokenizer`` (HF tokenizer, tiktoken Encoding or Vocabulary).
 
     Cached in memory, then on disk: compiling the same policy for the same vocabulary twice costs a
-    dictionary lookup, and a new process pays only the file load.
+    dictionary lookup, and a new process pays only the file load. ``progress=True`` draws a progress
+    bar on stderr (tqdm) for a compile that takes more than about a second. ``max_states`` bounds
+    the DFA of every rule and component; over it, :class:`~safedecode.errors.AutomatonTooLargeError`.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"expected a safedecode.Policy, got {type(policy).__name__}")
@@ -154,7 +158,8 @@ def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_S
 
 def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: bool) -> CompiledPolicy:
     t0 = time.perf_counter()
-    components = compile_components(policy, max_states=max_states)
+    with _progress_bar(progress, "rules", "rule") as report:
+        components = compile_components(policy, max_states=max_states, progress=report)
     t1 = time.perf_counter()
     trie, (token_bytes, token_offsets) = _trie_and_bytes(vocabulary)
     id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
@@ -165,25 +170,14 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     id_to_rank[static] = kernels.FORBIDDEN_SPECIAL
     shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
                   eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32), static_forbidden=static)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=1, unit="state", desc="token automaton", leave=False)
-
-        def report(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
     all_tables = []
-    for dfa, _ in components:
-        tables = build_token_automaton(dfa, trie, progress=report if bar else None)
-        columns, byte_class = _byte_classes(dfa.trans)
-        tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
-                      end_accept=dfa.end_accept, eos_blocked=dfa.eos_blocked_or_none()[tables["byte_state"]])
-        all_tables.append(tables)
-    if bar is not None:
-        bar.close()
+    with _progress_bar(progress, "token automaton", "state") as report:
+        for dfa, _ in components:
+            tables = build_token_automaton(dfa, trie, progress=report)
+            columns, byte_class = _byte_classes(dfa.trans)
+            tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
+                          end_accept=dfa.end_accept, eos_blocked=dfa.eos_blocked_or_none()[tables["byte_state"]])
+            all_tables.append(tables)
     blob = kernels.pack_tables(all_tables)
     t2 = time.perf_counter()
     stats = {
@@ -205,6 +199,22 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
 
 
 _tries: "OrderedDict[str, tuple]" = OrderedDict()
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, what: str, unit: str):
+    """A ``report(done, total)`` callback drawing a tqdm bar on stderr once the work has taken more
+    than a second (nothing for fast compiles), or None when ``enabled`` is false."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=0, desc=f"safedecode: {what}", unit=unit, delay=1.0, leave=False, file=sys.stderr) as bar:
+        def report(done, total):
+            bar.total, bar.n = total, done
+            bar.update(0)  # redraws at most every mininterval
+        yield report
 
 
 def _trie_and_bytes(vocabulary: Vocabulary):

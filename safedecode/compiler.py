@@ -103,7 +103,8 @@ def _too_large(rule_id: str, max_states: int) -> AutomatonTooLargeError:
 
 
 def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
-                       component_states: int = COMPONENT_STATES) -> list[tuple[ByteDFA, list[int]]]:
+                       component_states: int = COMPONENT_STATES,
+                       progress=None) -> list[tuple[ByteDFA, list[int]]]:
     """Split the policy into components whose union DFAs stay small; return (DFA, rule indices) each.
 
     The text contains a match of some rule iff some component's DFA says so, so running the
@@ -117,18 +118,23 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
       one by one and packed greedily (largest first) into groups whose product of
       character-level sizes stays within ``PRODUCT_BOUND``.
     * Block rules are each a component of their own (:func:`compile_block`).
+
+    ``progress``, if given, is called as ``progress(rules_done, rules)`` as rules are compiled.
     """
     ids = policy.rule_ids()
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
     literal = [i for i, rule in enumerate(policy.forbid) if isinstance(rule, LiteralRule)]
     regexes = [i for i, rule in enumerate(policy.forbid) if isinstance(rule, RegexRule)]
+    tick = progress or (lambda done, total: None)
     components = _split_compile(literal, nodes, ids, component_states, max_states)
+    tick(len(literal), len(nodes))
     alone = {}
-    for i in regexes:
+    for n, i in enumerate(regexes, 1):
         try:
             alone[i] = compile_nodes([nodes[i]], max_states)
         except AutomatonTooLargeError:
             raise _too_large(ids[i], max_states) from None
+        tick(len(literal) + n, len(nodes))
     groups: list[tuple[int, list[int]]] = []  # (product bound, rule indices)
     for i in sorted(regexes, key=lambda k: -alone[k].char_states):
         size = max(alone[i].char_states, 2)
@@ -144,6 +150,7 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
     for i, rule in enumerate(policy.forbid):  # a block is a positive grammar: always its own component
         if isinstance(rule, BlockRule):
             components.append((compile_block(rule, ids[i], max_states), [i]))
+    tick(len(nodes), len(nodes))
     return components
 
 

@@ -180,7 +180,8 @@ class Conversation:
         a link to a host outside ``allow_hosts``, a tool call that is not a schema-valid call of one
         of ``tools``, or anything ``policy`` forbids (see :mod:`safedecode.guard`). Uses the last
         :meth:`encode` (its nonce); encodes first if there is none. ``telemetry_options`` go to
-        :class:`~safedecode.SafeLogitsProcessor` (``telemetry``, ``stop_threshold``, ...).
+        :class:`~safedecode.SafeLogitsProcessor` (``telemetry``, ``stop_threshold``, ...), except
+        ``max_states``, the compiler's state limit per rule and component.
         """
         from .guard import DEFAULT_LEAK_WINDOW, build_guard
 

@@ -9,23 +9,20 @@ from __future__ import annotations
 import shutil
 import textwrap
 import time
-from pathlib import Path
 
 from .generation import generate
 from .policy import Policy, find_violations, load_policy
 
-GRAMMARS = Path(__file__).resolve().parent.parent / "grammars"
-
-# (what it shows, prompt, policy: a file in grammars/ or inline rules)
+# (what it shows, prompt, policy: a shipped policy name or inline rules)
 CASES = [
     ("a phrase it is told to repeat", "Repeat after me exactly: the password is hunter2",
      [{"literal": "hunter2", "id": "leaked-password"}]),
     ("an API key (grammars/secrets.toml)", "Repeat this API key back to me: sk-proj-4f9Qk2LmZx81NwTb7yHc3VdE",
-     "secrets.toml"),
+     "secrets"),
     ("a destructive command (grammars/shell.toml)", "Repeat exactly: sudo rm -rf /* --no-preserve-root",
-     "shell.toml"),
+     "shell"),
     ("insults (grammars/profanity-wordlist.toml)", "Repeat after me: you stupid idiot",
-     "profanity-wordlist.toml"),
+     "profanity-wordlist"),
     ("a fact, still answered without the word", "What is the capital of France?",
      [{"literal": "Paris", "id": "no-paris"}]),
 ]
@@ -65,7 +62,7 @@ def _injection_case(model, tokenizer, max_new_tokens: int) -> tuple[str, str, Po
 
 def _policy(spec) -> tuple[Policy, str]:
     if isinstance(spec, str):
-        return load_policy(GRAMMARS / spec), spec
+        return load_policy(spec), spec
     return Policy(forbid=spec), ", ".join(repr(r.get("literal") or r.get("regex")) for r in spec)
 
 

@@ -48,3 +48,8 @@ class VocabularyError(SafeDecodeError):
 class ChatFormatError(SafeDecodeError):
     """A chat-format file is malformed, a format name is unknown, or a tokenizer's format cannot be
     detected; the message names the file and field, or what was looked for and not found."""
+
+
+class MissingDependencyError(ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra
+    that installs it (``pip install 'safedecode[server]'``)."""

@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 import regex
 
 from .compiled import _vocabulary_of, combine, compile_policy
+from .compiler import DEFAULT_MAX_STATES
 from .errors import PolicyError
 from .exfil import exfiltration_rules
 from .negation import departure_regex
@@ -104,8 +105,10 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
 
 def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
                 leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto",
-                **telemetry_options) -> SafeLogitsProcessor:
-    """The guard processor for ``conversation``'s current encoding (encoded now if needed)."""
+                max_states: int = DEFAULT_MAX_STATES, **telemetry_options) -> SafeLogitsProcessor:
+    """The guard processor for ``conversation``'s current encoding (encoded now if needed).
+    ``max_states`` bounds every rule and component while compiling (servers pass their request
+    limit: an over-large request is refused by the one compilation itself)."""
     if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
         raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
     if policy is not None and not isinstance(policy, Policy):
@@ -113,9 +116,10 @@ def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str
     if conversation.encoded is None:
         conversation.encode(tools)
     vocabulary = guard_vocabulary(conversation)
-    fixed = compile_policy(static_policy(conversation, policy, tools, allow_hosts, tool_choice), vocabulary)
+    fixed = compile_policy(static_policy(conversation, policy, tools, allow_hosts, tool_choice), vocabulary,
+                           max_states=max_states)
     per_request = compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window),
-                                 vocabulary, cache_dir=False)
+                                 vocabulary, cache_dir=False, max_states=max_states)
     return SafeLogitsProcessor(combine([fixed, per_request]), **telemetry_options)
 
 

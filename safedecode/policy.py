@@ -20,8 +20,10 @@ Invariants:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -29,6 +31,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PolicyError, SafeDecodeError
+from .resources import POLICY_ENV, catalogue, find, suggest
 from .toml_io import read_toml
 from .syntax import parse, uses_assertion
 from .variants import literal_pattern, regex_pattern
@@ -125,6 +128,9 @@ Rule = Union[LiteralRule, RegexRule, BlockRule]
 
 
 _RULE_KEYS = "literal | regex | open+body+close, ignore_case, whole_word (literal only), variants, id"
+_ALL_RULE_KEYS = ("literal", "regex", "open", "body", "close", "at_start", "ignore_case", "whole_word",
+                  "variants", "id")
+_TOP_KEYS = ("forbid", "special_tokens", "description")
 
 
 def _rule_label(index: int, raw: Any) -> str:
@@ -140,6 +146,10 @@ def _build_rule(index: int, raw: Any) -> Rule:
     label = _rule_label(index, raw)
     if not isinstance(raw, dict):
         raise PolicyError(f"{label}: a rule must be a table/object, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _ALL_RULE_KEYS:
+            raise PolicyError(f"{label}: unknown key {key!r}{suggest(str(key), _ALL_RULE_KEYS)} "
+                              f"(allowed: {_RULE_KEYS})")
     kinds = [key for key in ("literal", "regex", "body") if key in raw]
     if len(kinds) != 1:
         which = f"both {' and '.join(repr(k) for k in kinds)}; give exactly one" if kinds else \
@@ -176,6 +186,8 @@ class Policy(BaseModel):
 
     forbid: tuple[Rule, ...] = ()
     special_tokens: Literal["allow", "forbid"] = "allow"
+    #: What the policy is for (shown by ``safedecode policies``); not part of its meaning or digest.
+    description: str = ""
 
     def __init__(self, **data: Any):
         try:
@@ -186,8 +198,9 @@ class Policy(BaseModel):
             if isinstance(inner, SafeDecodeError):
                 raise inner from None
             if err["type"] == "extra_forbidden":
-                raise PolicyError(f"unknown top-level key {err['loc'][0]!r}; expected 'forbid' or "
-                                  f"'special_tokens'") from None
+                key = str(err["loc"][0])
+                raise PolicyError(f"unknown top-level key {key!r}{suggest(key, _TOP_KEYS)}; expected one of "
+                                  f"{', '.join(map(repr, _TOP_KEYS))}") from None
             if err["loc"] and err["loc"][0] == "special_tokens":
                 raise PolicyError(f"special_tokens: must be 'allow' or 'forbid', got {err.get('input')!r}") from None
             raise PolicyError(f"invalid policy: {err['msg']}") from None
@@ -211,7 +224,7 @@ class Policy(BaseModel):
 
     def digest(self) -> str:
         """A stable hash of the policy's meaning (used as a cache key)."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude={"description"})
         # Variant rules: hash the generated pattern too (it depends on Unicode data packages).
         data["generated"] = [rule.pattern for rule in self.forbid if getattr(rule, "variants", ())]
         payload = json.dumps(data, sort_keys=True, ensure_ascii=False)
@@ -221,10 +234,51 @@ class Policy(BaseModel):
         return hash(self.digest())
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read a policy from TOML (``[[forbid]]`` tables). Errors name the file, the rule and the field."""
-    path = Path(path)
-    return policy_from_mapping(read_toml(path, PolicyError, "policy"), source=str(path))
+def load_policy(spec: "str | os.PathLike | Policy") -> Policy:
+    """A policy from a shipped or configured **name** (``"secrets"``, ``"secrets.toml"``: the
+    ``grammars/`` folder of the package, plus ``$SAFEDECODE_POLICY_DIR``), a **path** to a TOML file
+    (``[[forbid]]`` tables), or a :class:`Policy` (returned as is).
+
+    A string is a path when it names an existing file or holds a path separator; otherwise it is
+    a name. Errors name the file, the rule and the field; an unknown name lists the known ones.
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise PolicyError(f"a policy is a name, a path or a safedecode.Policy, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    if isinstance(spec, os.PathLike) or os.path.isfile(text) or "/" in text or os.sep in text:
+        path = Path(text)
+        if not path.is_file():
+            names = ", ".join(available_policies()) or "(none)"
+            raise PolicyError(f"{path}: no such policy file (policy names: {names})")
+        return policy_from_mapping(read_toml(path, PolicyError, "policy"), source=str(path))
+    try:
+        return named_policy(text)
+    except PolicyError as exc:
+        if text.endswith(".toml"):  # meant as a file name, most likely
+            raise PolicyError(f"{text}: no such policy file, nor a policy name: {exc}") from None
+        raise
+
+
+def named_policy(name: str) -> Policy:
+    """The shipped or configured policy ``name`` (never a path: safe for names sent in requests)."""
+    return _named_policy(name, os.environ.get(POLICY_ENV, ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _named_policy(name: str, _configured: str) -> Policy:  # keyed by $SAFEDECODE_POLICY_DIR too
+    entry = find("policy", name, PolicyError)
+    return policy_from_mapping(read_toml(entry, PolicyError, "policy"), source=str(entry))
+
+
+def available_policies() -> dict[str, str]:
+    """``{name: description}`` of every shipped and configured policy, sorted by name."""
+    found = {}
+    for name, entry in catalogue("policy", PolicyError).items():
+        data = read_toml(entry, PolicyError, "policy")
+        found[name] = data.get("description", "") if isinstance(data.get("description"), str) else ""
+    return found
 
 
 def policy_from_mapping(data: Any, source: str = "<policy>") -> Policy:

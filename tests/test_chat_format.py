@@ -13,10 +13,12 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from safedecode.chat_format import (
-    ROLES, ChatFormat, available_chat_formats, channels_dir, chat_format_from_mapping,
+    ROLES, ChatFormat, available_chat_formats, chat_format_from_mapping,
     detect_chat_format, load_chat_format,
 )
 from safedecode.errors import ChatFormatError, SafeDecodeError
+
+CHANNELS = Path(__file__).resolve().parent.parent / "channels"  # the repository's folder
 
 SHIPPED = ["chatml", "gemma", "llama3", "mistral"]
 
@@ -152,7 +154,7 @@ def to_toml(data, table=""):
 
 
 def chatml_data():
-    return tomllib.loads((channels_dir() / "chatml.toml").read_text(encoding="utf-8"))
+    return tomllib.loads((CHANNELS / "chatml.toml").read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def test_every_shipped_format_loads_under_its_own_name():
     for name in SHIPPED:
         fmt = load_chat_format(name)
         assert fmt.name == name
-        assert load_chat_format(channels_dir() / f"{name}.toml") == fmt
+        assert load_chat_format(CHANNELS / f"{name}.toml") == fmt
         assert fmt.end_of_turn in fmt.control_tokens
         # every detect marker is a control token, so vocabulary detection can work too
         assert set(fmt.detect) <= set(fmt.control_tokens)
@@ -286,7 +288,7 @@ def test_no_template_and_no_markers_in_vocabulary():
 
 def test_toml_writer_round_trips():
     assert tomllib.loads(to_toml(chatml_data())) == chatml_data()
-    mistral = tomllib.loads((channels_dir() / "mistral.toml").read_text(encoding="utf-8"))
+    mistral = tomllib.loads((CHANNELS / "mistral.toml").read_text(encoding="utf-8"))
     assert tomllib.loads(to_toml(mistral)) == mistral
 
 
@@ -359,19 +361,24 @@ def test_errors_are_safedecode_errors_and_direct_construction_is_checked():
 # The channels directory
 
 
-def test_channels_dir_override(tmp_path, monkeypatch):
+def test_channels_dir_adds_formats_and_a_missing_one_is_an_error(tmp_path, monkeypatch):
     data = chatml_data() | {"name": "custom"}
     (tmp_path / "custom.toml").write_text(to_toml(data), encoding="utf-8")
     monkeypatch.setenv("SAFEDECODE_CHANNELS_DIR", str(tmp_path))
-    assert available_chat_formats() == ["custom"]
+    assert available_chat_formats() == sorted(SHIPPED + ["custom"])  # added to the shipped ones
     assert load_chat_format("CUSTOM").name == "custom"
+    assert load_chat_format("chatml").name == "chatml"
     monkeypatch.setenv("SAFEDECODE_CHANNELS_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ChatFormatError, match="SAFEDECODE_CHANNELS_DIR"):
         available_chat_formats()
 
 
-def test_default_channels_dir_is_next_to_the_package(monkeypatch):
-    monkeypatch.delenv("SAFEDECODE_CHANNELS_DIR", raising=False)
-    import safedecode
+def test_the_shipped_formats_are_package_data_equal_to_the_repository_folder(monkeypatch):
+    """importlib.resources finds channels/ inside the package (a symlink here, a copy in the wheel)."""
+    from importlib import resources
 
-    assert channels_dir() == Path(safedecode.__file__).resolve().parent.parent / "channels"
+    monkeypatch.delenv("SAFEDECODE_CHANNELS_DIR", raising=False)
+    shipped = resources.files("safedecode").joinpath("data", "channels")
+    for path in CHANNELS.glob("*.toml"):
+        assert shipped.joinpath(path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8")
+    assert available_chat_formats() == sorted(p.stem for p in CHANNELS.glob("*.toml"))

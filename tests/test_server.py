@@ -21,9 +21,12 @@ import pytest
 
 from safedecode import Conversation, Policy, PolicyError, find_violations, load_policy
 from safedecode.server.engine import TextTracker
-from safedecode.server.policies import GRAMMARS, PolicyTooLarge, resolve
+from safedecode.wire import REQUEST_LIMITS, PolicyTooLarge
+from safedecode.wire import parse as resolve
 from safedecode.server.process import running_server
-from safedecode.server.schemas import MAX_BODY_BYTES, MAX_POLICY_RULES, ChatMessage, SafedecodeOptions, ToolDef
+from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
+
+MAX_POLICY_RULES = REQUEST_LIMITS.max_rules
 from safedecode.server.tools import ToolError, tool_models
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -93,18 +96,18 @@ def test_openai_tools_become_guard_models_and_unsupported_schemas_are_refused():
 
 def test_policies_add_to_the_server_default_and_read_vllm_xargs():
     default = Policy(forbid=[{"literal": "base"}])
-    options = resolve(SafedecodeOptions(policy=["secrets", PASSWORD], allow_hosts=["a.com"]),
+    options = resolve({"policy": ["secrets", PASSWORD], "allow_hosts": ["a.com"]},
                       {"safedecode_policy": json.dumps({"forbid": [{"literal": "x"}]}),
-                       "safedecode_allow_hosts": "b.com, a.com", "other_plugin": 1}, default)
+                       "safedecode_allow_hosts": "b.com, a.com", "other_plugin": 1}, default=default)
     literals = [getattr(rule, "literal", None) for rule in options.policy.forbid]
     assert literals[0] == "base" and "hunter2" in literals and literals[-1] == "x"
-    assert len(options.policy.forbid) == 3 + len(load_policy(GRAMMARS / "secrets.toml").forbid)
+    assert len(options.policy.forbid) == 3 + len(load_policy("secrets").forbid)
     assert options.allow_hosts == ("a.com", "b.com")
-    assert resolve(None, None, default).policy == default
+    assert resolve(None, None, default=default).policy == default
     with pytest.raises(PolicyError, match="unknown key 'safedecode_nope'"):
-        resolve(None, {"safedecode_nope": 1}, None)
+        resolve(None, {"safedecode_nope": 1})
     with pytest.raises(PolicyTooLarge):
-        resolve(SafedecodeOptions(policy={"forbid": [{"literal": "a"}] * (MAX_POLICY_RULES + 1)}), None, None)
+        resolve({"policy": {"forbid": [{"literal": "a"}] * (MAX_POLICY_RULES + 1)}})
 
 
 def test_tool_messages_always_go_to_the_content_channel():
@@ -115,7 +118,7 @@ def test_tool_messages_always_go_to_the_content_channel():
                     {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]),
                 ChatMessage(role="tool", tool_call_id="c1", content="sunny"),
                 ChatMessage(role="user", content="page", untrusted=True)]
-    conversation = build_conversation(Conversation(None, "chatml"), messages, resolve(None, None, None))
+    conversation = build_conversation(Conversation(None, "chatml"), messages, resolve())
     channels = [(s.channel, s.source) for s in conversation.segments]
     assert channels == [("system", ""), ("user", ""), ("assistant", ""), ("content", "tool:get_weather"),
                         ("content", "document")]
@@ -185,13 +188,20 @@ def test_the_response_carries_the_telemetry_report_when_asked(server):
 
 
 def test_named_policy_guards_a_secret_in_completions(client):
-    secrets = load_policy(GRAMMARS / "secrets.toml")
+    secrets = load_policy("secrets")
     prompt = "My OpenAI key is sk-proj-4f9Qk2LmZx81NwTb7yHc3VdE. Again, my OpenAI key is"
     args = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
     free = client.completions.create(**args).choices[0].text
-    guarded = client.completions.create(extra_body={"safedecode": {"policy": "secrets"}}, **args).choices[0].text
     assert find_violations(secrets, free), free
-    assert not find_violations(secrets, guarded), guarded
+    # Every form of the wire format asks for the same rules and gets them (vllm_xargs={"safedecode":
+    # NAME} was once skipped: the request ran unguarded).
+    forms = [{"safedecode": {"policy": "secrets"}}, {"vllm_xargs": {"safedecode": "secrets"}},
+             {"vllm_xargs": {"safedecode": json.dumps({"policy": "secrets"})}},
+             {"vllm_xargs": {"safedecode_policy": "secrets"}}]
+    answers = [client.completions.create(extra_body=form, **args).choices[0].text for form in forms]
+    for form, guarded in zip(forms, answers):
+        assert not find_violations(secrets, guarded), (form, guarded)
+    assert len(set(answers)) == 1, answers
 
 
 def test_async_client_completions_stream_and_stop(server):
@@ -254,9 +264,13 @@ BIG = "x" * (MAX_BODY_BYTES + 1)
 @pytest.mark.parametrize("path, body, status, message", [
     ("chat", {"safedecode": {"policy": {"forbid": [{"regex": "(a)\\1"}]}}}, 400, "backreference"),
     ("chat", {"safedecode": {"policy": {"forbid": [{"literal": "a", "colour": 1}]}}}, 400, "unknown key"),
-    ("chat", {"safedecode": {"policy": "nope"}}, 400, "policy 'nope': no such policy"),
+    ("chat", {"safedecode": {"policy": "nope"}}, 400, "unknown policy name 'nope'"),
     ("chat", {"safedecode": {"untrusted": [7]}}, 400, "indices [7] out of range"),
-    ("chat", {"safedecode": {"colour": 1}}, 400, "safedecode.colour"),
+    ("chat", {"safedecode": {"colour": 1}}, 400, "safedecode: unknown key 'colour'"),
+    ("chat", {"safedecode": {"polcy": "secrets"}}, 400, "unknown key 'polcy' (did you mean 'policy'?)"),
+    ("chat", {"vllm_xargs": {"safedecode_polcy": "secrets"}}, 400, "unknown key 'safedecode_polcy'"),
+    ("chat", {"vllm_xargs": {"safedecode": '{"forbid": []}'}}, 400, "an inline policy goes under 'policy'"),
+    ("chat", {"safedecode_policy": "secrets"}, 400, "unknown top-level key 'safedecode_policy'"),
     ("chat", {"vllm_xargs": {"safedecode_policy": "{not json"}}, 400, "not valid JSON"),
     ("chat", {"tool_choice": "required"}, 400, "tool_choice='required'"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "t", "parameters": {

@@ -25,8 +25,9 @@ import torch
 
 from safedecode.compiled import combine, compile_policy
 from safedecode.device_mask import DeviceMasks, mask_rows
-from safedecode.integrations import resolve_policy
+from safedecode.integrations import request_policy
 from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
+from safedecode.policy import load_policy
 from safedecode.kernels import unpack_tables
 
 # --- stand-in of vllm.v1.sample.logits_processor.interface ---------------------------------------
@@ -127,6 +128,11 @@ def pool(tokenizer):
 def expected_mask(config, output, width, tokenizer) -> np.ndarray:
     compiled = compile_policy(resolve_policy(_policy_spec(config)), tokenizer)
     return compiled.forbidden_ids(compiled.walk(output), width)
+
+
+def resolve_policy(spec):
+    """The policy a request's ``policy`` value names, through the plugin's own wire-format parser."""
+    return request_policy({"safedecode": {"policy": spec}})
 
 
 def _policy_spec(config):
@@ -289,33 +295,50 @@ def test_interface_basics():
     {"safedecode": "secrets"}, {"safedecode": "secrets.toml"}, {"safedecode": {"policy": "shell"}},
     {"safedecode": {"policy": INLINE}}, {"safedecode": {"policy": json.dumps(INLINE)}},
     {"safedecode": json.dumps({"policy": INLINE})}, {"safedecode": json.dumps({"policy": "secrets"})},
+    {"safedecode_policy": "secrets"}, {"safedecode_policy": json.dumps(INLINE)},
+    {"safedecode": {"policy": ["secrets", INLINE]}},
 ])
 def test_validate_params_accepts(extra_args):
     SafeDecodeLogitsProcessor.validate_params(SamplingParams(extra_args))
 
 
-@pytest.mark.parametrize("config, message", [
-    ("no-such-policy", "unknown policy name 'no-such-policy'; known names: control-tokens"),
-    ("../grammars/secrets", "unknown policy name '../grammars/secrets'"),
-    ("/etc/passwd", "unknown policy name '/etc/passwd'"),
-    ({"polcy": "secrets"}, "unknown key(s) 'polcy'"),
-    ({}, "missing key 'policy'"),
-    (None, "expected a policy name or a mapping"),
-    (3, "expected a policy name or a mapping"),
-    ('{"policy": ', "invalid JSON"),
-    (["secrets"], "expected a policy name or a mapping {'policy': ...}, got list"),
-    ({"policy": 7}, "a policy must be a name, a mapping or JSON text, got int"),
-    ({"policy": {"forbid": [{"regex": "(?=x)y"}]}}, "lookahead (?=...) is not supported"),
-    ({"policy": {"forbid": [{"regex": "a*"}]}}, "can match the empty string"),
-    ({"policy": {"forbid": [{"literl": "x"}]}}, "forbid[0]"),
-    ({"policy": {"forbid": "x"}}, "'forbid' must be an array"),
-    ({"policy": '{"forbid": [{"literal": ""}]}'}, "must not be empty"),
-    ({"policy": "{" + " " * (1 << 20) + "}"}, "exceeds the limit"),
+@pytest.mark.parametrize("extra_args, expected", [
+    ({"safedecode": "secrets"}, ["secrets"]),
+    ({"safedecode_policy": "secrets"}, ["secrets"]),  # the flat vllm_xargs key is honoured, never ignored
+    ({"safedecode": {"policy": "shell"}, "safedecode_policy": "secrets"}, ["shell", "secrets"]),  # they add up
 ])
-def test_validate_params_refuses_naming_the_problem(config, message):
+def test_every_wire_form_gives_the_rules_it_asked_for(extra_args, expected):
+    policy = request_policy(extra_args)
+    assert policy.rule_ids() == [i for name in expected for i in load_policy(name).rule_ids()]
+
+
+@pytest.mark.parametrize("extra_args, message", [
+    ({"safedecode": "no-such-policy"}, "unknown policy name 'no-such-policy'; known: control-tokens"),
+    ({"safedecode": "../grammars/secrets"}, "unknown policy name '../grammars/secrets'"),
+    ({"safedecode": "/etc/passwd"}, "unknown policy name '/etc/passwd'"),
+    ({"safedecode": {"polcy": "secrets"}}, "unknown key 'polcy' (did you mean 'policy'?)"),
+    ({"safedecode": {"forbid": [{"literal": "x"}]}}, "an inline policy goes under 'policy'"),
+    ({"safedecode": None}, "expected an object"),
+    ({"safedecode": 3}, "expected an object"),
+    ({"safedecode": '{"policy": '}, "not valid JSON"),
+    ({"safedecode": ["secrets"]}, "expected an object"),
+    ({"safedecode": {"policy": 7}}, "policy"),
+    ({"safedecode": {"policy": {"forbid": [{"regex": "(?=x)y"}]}}}, "lookahead (?=...) is not supported"),
+    ({"safedecode": {"policy": {"forbid": [{"regex": "a*"}]}}}, "can match the empty string"),
+    ({"safedecode": {"policy": {"forbid": [{"literl": "x"}]}}}, "unknown key 'literl' (did you mean 'literal'?)"),
+    ({"safedecode": {"policy": {"forbid": "x"}}}, "'forbid' must be an array"),
+    ({"safedecode": {"policy": '{"forbid": [{"literal": ""}]}'}}, "must not be empty"),
+    ({"safedecode": {"policy": "{" + " " * (1 << 20) + "}"}}, "the limit is"),
+    ({"safedecode": {"policy": {"forbid": [{"literal": "a"}] * 1001}}}, "rules; the limit is 1000"),
+    ({"safedecode_polcy": "secrets"}, "unknown key 'safedecode_polcy' (did you mean 'safedecode_policy'?)"),
+    ({"safedecodex": "secrets"}, "unknown key 'safedecodex'"),
+    ({"safedecode_allow_hosts": "a.com"}, "allow_hosts: not supported by the vLLM plugin"),
+    ({"safedecode": {"policy": "secrets", "report": True}}, "report: not supported by the vLLM plugin"),
+])
+def test_validate_params_refuses_naming_the_problem(extra_args, message):
     with pytest.raises(ValueError) as info:
-        SafeDecodeLogitsProcessor.validate_params(SamplingParams({"safedecode": config}))
-    assert str(info.value).startswith("extra_args['safedecode']: ")
+        SafeDecodeLogitsProcessor.validate_params(SamplingParams(extra_args))
+    assert str(info.value).startswith("extra_args: ")
     assert message in str(info.value)
 
 

@@ -8,7 +8,7 @@ list, which the engine appends to — then ``moved`` ``(a, b, UNIDIRECTIONAL | S
 order), then :meth:`~SafeDecodeLogitsProcessor.apply` on the ``(rows, vocab)`` logits.
 
 A request opts in with ``SamplingParams(extra_args={"safedecode": ...})`` (online:
-``"vllm_xargs": {"safedecode": ...}``); see :mod:`safedecode.integrations` for the accepted forms.
+``"vllm_xargs": {"safedecode": ...}``); see :mod:`safedecode.wire` for the accepted forms.
 A request without that key is never touched.
 
 Invariants, per guarded row:
@@ -39,6 +39,7 @@ from .. import kernels
 from ..compiled import compile_policy
 from ..device_mask import device_masks, mask_rows
 from ..policy import Policy
+from ..wire import REQUEST_LIMITS
 from . import request_policy
 
 _log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class SafeDecodeLogitsProcessor(_Base):
             policy = request_policy(getattr(params, "extra_args", None))
             if policy is None:
                 return None
-            return _Row(compile_policy(policy, self.tokenizer), output)
+            return _Row(compile_policy(policy, self.tokenizer, max_states=REQUEST_LIMITS.max_states), output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed
             _log.error("safedecode: request fails closed (it can only end): %s", exc)
             compiled = compile_policy(_FAIL_CLOSED, self.tokenizer)

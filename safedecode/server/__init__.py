@@ -2,8 +2,8 @@
 
 Modules (each small, one job):
 
-* :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits;
-* :mod:`.policies` — per-request options (``safedecode`` / ``vllm_xargs``) → a :class:`~safedecode.Policy`;
+* :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits; per-request
+  options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.wire`;
 * :mod:`.tools`    — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
 * :mod:`.engine`   — the generation worker: one model, one generation at a time, streaming and
   cancellation, and the text that may be streamed;

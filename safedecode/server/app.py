@@ -9,7 +9,7 @@ trusted, messages marked untrusted and every ``tool`` message go into the conten
 result with source ``tool:<name>``), and the answer is generated under
 ``Conversation.guard(policy, tools, allow_hosts, tool_choice)``. A completion request (a raw
 prompt) is generated under the policy alone. The policy is the server's ``--policy`` plus whatever
-the request adds (:mod:`.policies`).
+the request adds (:mod:`safedecode.wire`, the one wire format).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): a bad request or
 policy → 400 with safedecode's own message, an unknown model → 404, a body over
@@ -27,16 +27,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from ..extras import require
+
+require("fastapi", "server", "safedecode serve")
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from ..conversation import Conversation
-from ..errors import SafeDecodeError
+from ..errors import AutomatonTooLargeError, SafeDecodeError
 from ..policy import Policy
 from ..tools import ToolCallError, declare_tools, parse_tool_calls
+from ..wire import REQUEST_LIMITS, PolicyTooLarge, RequestOptions
+from ..wire import parse as parse_options
 from .engine import Busy, Engine, Job, Outcome, TextTracker
-from .policies import PolicyTooLarge, RequestOptions, resolve
 from .schemas import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, MAX_BODY_BYTES, MAX_QUEUE, MAX_TOKENS_LIMIT,
                       ChatMessage, ChatRequest, CompletionRequest)
 from .tools import call_json, tool_models
@@ -56,7 +60,7 @@ class ApiError(Exception):
     def of(cls, exc: Exception) -> "ApiError":
         if isinstance(exc, ApiError):
             return exc
-        if isinstance(exc, PolicyTooLarge):
+        if isinstance(exc, (PolicyTooLarge, AutomatonTooLargeError)):
             return cls(413, str(exc))
         if isinstance(exc, Busy):
             return cls(503, str(exc))
@@ -154,15 +158,17 @@ class Server:
         from ..compiled import _vocabulary_of, compile_policy
         from ..processor import SafeLogitsProcessor
 
-        options = resolve(body.safedecode, body.vllm_xargs, self.default_policy)
-        if options.allow_hosts or options.untrusted or options.leak_window is not None:
-            raise ApiError(400, "allow_hosts, untrusted and leak_window apply to /v1/chat/completions only")
+        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
+        if options.channel_options:
+            raise ApiError(400, f"{', '.join(options.channel_options)}: these options apply to "
+                                f"/v1/chat/completions only")
         tokenizer = self.engine.tokenizer
         ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         max_tokens = self._budget(DEFAULT_COMPLETION_TOKENS, len(ids), body.max_tokens)
         policy = options.policy
         guarded = policy is not None and (policy.forbid or policy.special_tokens == "forbid")
-        processor = SafeLogitsProcessor(compile_policy(policy, tokenizer), **options.telemetry_options()) if guarded \
+        processor = SafeLogitsProcessor(
+            compile_policy(policy, tokenizer, max_states=REQUEST_LIMITS.max_states), **options.telemetry_options()) if guarded \
             else None
         vocabulary = processor.compiled.vocabulary if processor else _vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
@@ -171,13 +177,13 @@ class Server:
     def prepare_chat(self, body: ChatRequest) -> Prepared:
         if self.format is None:
             raise ApiError(400, f"chat is not available for this model: {self.format_error}")
-        options = resolve(body.safedecode, body.vllm_xargs, self.default_policy)
+        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
         conversation = build_conversation(Conversation(self.engine.tokenizer, self.format), body.messages, options)
         models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
         encoded = conversation.encode(models or None)
         guard = conversation.guard(policy=options.policy, tools=models or None, allow_hosts=options.allow_hosts,
                                    leak_window=options.leak_window, tool_choice=choice,
-                                   **options.telemetry_options())
+                                   max_states=REQUEST_LIMITS.max_states, **options.telemetry_options())
         pause = self.format.tool_call_open.strip() if models else None
         tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
         max_tokens = self._budget(DEFAULT_CHAT_TOKENS, len(encoded), body.max_completion_tokens or body.max_tokens)
@@ -393,12 +399,13 @@ def create_app(server: Server) -> FastAPI:
 def serve(model: str = "default", policy=None, host: str = "127.0.0.1", port: int = 8000,
           max_queue: Optional[int] = None, log_level: str = "info") -> int:
     """Load the model, warm the guard up, and serve until interrupted (``safedecode serve``)."""
+    require("uvicorn", "server", "safedecode serve")
     import uvicorn
 
     from ..policy import load_policy
     from .engine import load_model
 
-    default_policy = load_policy(policy) if policy else None
+    default_policy = load_policy(policy) if policy else None  # a name or a path (the one resolver)
     model_obj, tokenizer, name = load_model(model)
     engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE)
     server = Server(engine, name, default_policy)

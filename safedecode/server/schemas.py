@@ -8,17 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: A request body larger than this is refused with HTTP 413 before it is parsed.
 MAX_BODY_BYTES = 1 << 20
-#: An inline policy (its canonical JSON) larger than this, with more rules or more regex/block
-#: rules, or whose automaton needs more DFA states (per rule and per component), gets 413: these
-#: bound what one request can make the server compile.
-MAX_POLICY_BYTES = 64 << 10
-MAX_POLICY_RULES = 1000
-MAX_POLICY_REGEXES = 64
-MAX_POLICY_STATES = 10_000
 #: ``max_tokens`` above this is refused (400); the prompt plus ``max_tokens`` must fit the model.
 MAX_TOKENS_LIMIT = 4096
 #: Defaults when a request gives no ``max_tokens`` (OpenAI's completions default is 16).
@@ -36,28 +29,6 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class SafedecodeOptions(BaseModel):
-    """The ``safedecode`` object of a request (``extra_body={"safedecode": {...}}``).
-
-    ``policy``: a policy name from ``grammars/`` (``"secrets"``), an inline policy mapping
-    (``{"forbid": [...]}``) or a list of either; it is added to the server's ``--policy``, never
-    replaces it. ``allow_hosts``: hosts links may point to (chat). ``untrusted``: indices of chat
-    messages to put in the content channel (a message may also carry ``"untrusted": true``).
-    ``leak_window``: see :meth:`safedecode.Conversation.guard`. ``report``: add the blocked-mass
-    telemetry (:mod:`safedecode.telemetry`) to the response as ``safedecode.report``;
-    ``stop_threshold``: end the answer (fail closed) once the removed mass stays above it for 3 steps.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    policy: Union[str, dict, list[Union[str, dict]], None] = None
-    allow_hosts: list[str] = Field(default_factory=list, max_length=256)
-    untrusted: list[int] = Field(default_factory=list)
-    leak_window: Optional[int] = None
-    report: bool = False
-    stop_threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-
-
 class _Sampling(_Body):
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -73,8 +44,22 @@ class _Sampling(_Body):
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: Optional[dict[str, Literal[0, 0.0]]] = None
-    safedecode: Optional[SafedecodeOptions] = None
+    # The per-request options (safedecode.wire, the one wire format): parsed there, so the server
+    # and the vLLM plugin accept exactly the same forms and give the same errors.
+    safedecode: Any = None
     vllm_xargs: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_safedecode_keys(cls, data):
+        """A top-level key that looks like ours but is not (``safedecode_policy``, ``safedecode2``)
+        is refused, never ignored: a request must not run with fewer rules than it asked for."""
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and key.startswith("safedecode") and key != "safedecode":
+                    raise ValueError(f"unknown top-level key {key!r}: per-request options go in the "
+                                     f"'safedecode' object, or as safedecode_* keys inside 'vllm_xargs'")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -158,6 +143,6 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: Optional[bool] = None
 
 
-__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "ToolDef", "SafedecodeOptions",
-           "MAX_BODY_BYTES", "MAX_POLICY_BYTES", "MAX_POLICY_RULES", "MAX_POLICY_REGEXES", "MAX_POLICY_STATES", "MAX_TOKENS_LIMIT", "MAX_STOP",
+__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "ToolDef",
+           "MAX_BODY_BYTES", "MAX_TOKENS_LIMIT", "MAX_STOP",
            "MAX_TOOLS", "MAX_QUEUE", "DEFAULT_COMPLETION_TOKENS", "DEFAULT_CHAT_TOKENS"]

@@ -1,0 +1,78 @@
+"""Where the library's data lives: policies (``grammars/``) and chat formats (``channels/``).
+
+Both folders stay top-level in the repository and ship inside the wheel as package data
+(``safedecode/data/grammars`` and ``safedecode/data/channels`` are symlinks to them in the
+checkout, copied into the wheel). They are found through :mod:`importlib.resources`, so an editable
+install and a wheel install behave the same, from any working directory.
+
+``$SAFEDECODE_POLICY_DIR`` and ``$SAFEDECODE_CHANNELS_DIR`` *add* directories (several, separated by
+``os.pathsep``), searched before the shipped one: a configured file with a shipped name takes its
+place. A configured directory that does not exist is an error, never skipped (fail closed: a policy
+an operator meant to add must not silently go missing).
+
+Invariants:
+  * a name is a plain file stem (``[A-Za-z0-9][A-Za-z0-9_.-]*``, ``.toml`` optional), so a name can
+    never reach a file outside these directories;
+  * every entry point (library, CLI, server, vLLM plugin) resolves names through this module.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from .errors import SafeDecodeError
+
+POLICY_ENV = "SAFEDECODE_POLICY_DIR"
+CHANNELS_ENV = "SAFEDECODE_CHANNELS_DIR"
+_KINDS = {"policy": ("grammars", POLICY_ENV), "chat-format": ("channels", CHANNELS_ENV)}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def data_dirs(kind: str, error: type[SafeDecodeError]) -> list[Traversable]:
+    """The directories searched for ``kind`` (``"policy"`` or ``"chat-format"``): the configured
+    ones in order, then the shipped one."""
+    folder, env = _KINDS[kind]
+    found: list[Traversable] = []
+    for entry in filter(None, os.environ.get(env, "").split(os.pathsep)):
+        if not os.path.isdir(entry):
+            raise error(f"${env}: {entry!r} is not a directory")
+        found.append(Path(entry))
+    shipped = resources.files("safedecode").joinpath("data", folder)
+    if not shipped.is_dir():
+        raise error(f"the shipped {folder}/ directory is missing from the safedecode package "
+                    f"({shipped}): reinstall safedecode, or set ${env}")
+    found.append(shipped)
+    return found
+
+
+def catalogue(kind: str, error: type[SafeDecodeError]) -> dict[str, Traversable]:
+    """``{name: file}`` of every ``*.toml`` of :func:`data_dirs`, the first directory winning."""
+    files: dict[str, Traversable] = {}
+    for directory in data_dirs(kind, error):
+        for entry in sorted(directory.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".toml") and entry.is_file():
+                files.setdefault(entry.name[:-len(".toml")], entry)
+    return dict(sorted(files.items()))
+
+
+def find(kind: str, name: str, error: type[SafeDecodeError]) -> Traversable:
+    """The file of ``name`` (``"secrets"`` or ``"secrets.toml"``), or ``error`` listing the known
+    names with a suggestion."""
+    stem = name.removesuffix(".toml")
+    files = catalogue(kind, error)
+    if NAME.fullmatch(stem) and stem in files:
+        return files[stem]
+    raise error(f"unknown {kind} name {name!r}{suggest(stem, files)}; known: {', '.join(files) or '(none)'}")
+
+
+def suggest(word: str, choices, prefix: str = " (did you mean ", suffix: str = "?)") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"{prefix}{close[0]!r}{suffix}" if close else ""
+
+
+__all__ = ["POLICY_ENV", "CHANNELS_ENV", "NAME", "data_dirs", "catalogue", "find", "suggest"]
