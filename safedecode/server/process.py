@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 
 def free_port() -> int:
@@ -20,16 +20,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, log: Optional[Path] = None, timeout: float = 300) -> Iterator[str]:
+def running_server(*args: str, log: Optional[Path] = None, timeout: float = 300,
+                   program: Sequence[str] = (sys.executable, "-m", "safedecode"),
+                   cwd: Optional[Path] = None, env: Optional[dict] = None) -> Iterator[str]:
     """Yield the base URL (``http://127.0.0.1:PORT``) of ``safedecode serve ARGS`` once ``/health``
-    answers; stop the process on exit. The server's output goes to ``log`` (default: discarded).
-    Raises RuntimeError (with the log's tail) if it exits or does not answer within ``timeout``."""
+    answers; stop the process on exit. ``program`` is the command that runs the CLI (another
+    environment's ``bin/safedecode``, say), started in ``cwd`` with ``env`` (default: this process's). The server's output goes to ``log``
+    (default: discarded). Raises RuntimeError (with the log's tail) if it exits or does not answer
+    within ``timeout``."""
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ if env is None else env, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "safedecode.cli", "serve", "--port", str(port), *args]
+    command = [*program, "serve", "--port", str(port), *args]
     with open(log or os.devnull, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
