@@ -97,7 +97,7 @@ def scenario(tokenizer, steps=80, seed=0) -> dict:
 def device_masks_vs_kernel(tokenizer, trials=40) -> dict:
     from safedecode.compiled import compile_policy
     from safedecode.device_mask import DeviceMasks, mask_rows
-    from safedecode.integrations import resolve_policy
+    from safedecode.policy import load_policy as resolve_policy
     from safedecode.kernels import unpack_tables
 
     compiled = compile_policy(resolve_policy("secrets"), tokenizer)

@@ -26,6 +26,7 @@ from safedecode.server.process import running_server
 REPO = Path(__file__).resolve().parent.parent
 SERVER_PACKAGES = {"fastapi", "uvicorn", "starlette"}
 KEY = "sk-proj-4f9Qk2LmZx81NwTb7yHc3VdE"
+MODEL = "SmolLM2-135M-Instruct"
 
 
 def _run(command, cwd, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
@@ -46,16 +47,22 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
-@pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory):
-    """(python, bin dir, a working directory outside the checkout, env) of a fresh venv holding the wheel."""
-    root = tmp_path_factory.mktemp("user")
+def _fresh_venv(wheel: Path, root: Path, packages: Path) -> Path:
+    """A new venv at ``root/venv`` seeing the third-party packages of ``packages``, with the wheel installed."""
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=root)
     site = Path(_run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                      cwd=root).stdout.strip())
-    (site / "dev-env-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "dev-env-packages.pth").write_text(f"{packages}\n")
     _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", wheel], cwd=root)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """(python, bin dir, a working directory outside the checkout, env) of a fresh venv holding the wheel."""
+    root = tmp_path_factory.mktemp("user")
+    venv = _fresh_venv(wheel, root, Path(sysconfig.get_paths()["purelib"]))
     work = root / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEDECODE_") or k == "SAFEDECODE_CACHE_DIR"}
@@ -139,12 +146,17 @@ def test_server_from_outside_the_checkout_answers_the_openai_client(installed, t
     _, bin_dir, work, env = installed
     with running_server(log=tmp_path / "serve.log", program=[str(bin_dir / "safedecode")], cwd=work, env=env) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
-        args = dict(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
-                    messages=[{"role": "user", "content": f"Repeat this API key back to me: {KEY}"}])
-        free = client.chat.completions.create(**args).choices[0].message.content or ""
         response = client.chat.completions.with_raw_response.create(
-            extra_body={"vllm_xargs": {"safedecode": "secrets"}}, **args)
-    assert find_violations(load_policy("secrets"), free), free  # the prompt works: unguarded, it leaks
+            model=MODEL, temperature=0, max_tokens=24, extra_body={"vllm_xargs": {"safedecode": "secrets"}},
+            messages=[{"role": "user", "content": f"Repeat this API key back to me: {KEY}"}])
+        # The guard is really on: a prompt that leaks unguarded does not leak guarded.
+        args = dict(model=MODEL, prompt=f"My OpenAI key is {KEY}. Again, my OpenAI key is", max_tokens=24,
+                    temperature=0)
+        free = client.completions.create(**args).choices[0].text
+        guarded = client.completions.create(extra_body={"vllm_xargs": {"safedecode": "secrets"}}, **args).choices[0].text
+    secrets = load_policy("secrets")
     assert response.http_response.status_code == 200
     text = response.parse().choices[0].message.content or ""
-    assert not find_violations(load_policy("secrets"), text), text
+    assert text.strip() and not find_violations(secrets, text), text
+    assert find_violations(secrets, free), free
+    assert not find_violations(secrets, guarded), guarded
