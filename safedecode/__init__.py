@@ -2,7 +2,8 @@
 
 Public API (kept small and stable):
 
-* :class:`Policy`, :func:`load_policy` — what may never appear in the output (pydantic / TOML);
+* :class:`Policy`, :func:`load_policy` (a shipped name, a path or a Policy),
+  :func:`available_policies` — what may never appear in the output (pydantic / TOML);
 * :func:`find_violations` — the reference check, by the ``regex`` package;
 * :func:`compile_policy` → :class:`CompiledPolicy` — a policy compiled against a tokenizer;
 * :class:`SafeLogitsProcessor` — the transformers ``LogitsProcessor`` enforcing it;
@@ -13,7 +14,7 @@ Public API (kept small and stable):
 """
 from .errors import (AutomatonTooLargeError, ChatFormatError, PatternError, PolicyError, SafeDecodeError,
                      VocabularyError)
-from .policy import Policy, Violation, find_violations, load_policy
+from .policy import Policy, Violation, available_policies, find_violations, load_policy
 
 __version__ = "0.1.0"
 
@@ -44,7 +45,7 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 __all__ = [
-    "Policy", "load_policy", "find_violations", "Violation",
+    "Policy", "load_policy", "available_policies", "find_violations", "Violation",
     "compile_policy", "CompiledPolicy",
     "SafeLogitsProcessor", "generate", "GenerationResult",
     "Conversation", "Encoded", "ContentRejected", "FromTrusted", "ToolCallError",

@@ -186,11 +186,7 @@ def _convert(dest: pathlib.Path) -> None:
     if leftover or getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(f"safedecode: cannot convert {_GGUF_NAME}: not a plain state dict ({leftover})")
     model.generation_config = src.generation_config
-    gc = model.generation_config
-    if gc.pad_token_id is None:
-        gc.pad_token_id = tok.pad_token_id
-    if gc.eos_token_id is None:
-        gc.eos_token_id = tok.eos_token_id
+    _set_stop_ids(model, tok)
     del src, state
     model.save_pretrained(str(dest))
     del model
@@ -388,9 +384,14 @@ def _load_model(dtype):
         if dtype != torch.float32:
             model = model.to(dtype)
     model.eval()
+    _set_stop_ids(model, tok)
+    return model, tok
+
+
+def _set_stop_ids(model, tok) -> None:
+    """Pad and EOS ids in the generation config (greedy ``generate`` needs both)."""
     gc = model.generation_config
     if gc.pad_token_id is None:
         gc.pad_token_id = tok.pad_token_id
     if gc.eos_token_id is None:
         gc.eos_token_id = tok.eos_token_id
-    return model, tok
