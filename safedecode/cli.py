@@ -36,11 +36,16 @@ def _tokenizer(name: str):
 
         return qwen_vocabulary(name[len("qwen"):])
     path = Path(name)
-    if not path.exists():
-        raise SafeDecodeError(f"--tokenizer {name!r}: not 'default', 'qwen2.5', 'qwen3.6' or an existing directory")
+    if not path.is_dir():
+        what = "a file" if path.exists() else "not 'default', 'qwen2.5', 'qwen3.6' or an existing directory"
+        raise SafeDecodeError(f"--tokenizer {name!r}: {what}; expected a Hugging Face tokenizer directory")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SafeDecodeError(f"--tokenizer {name!r}: not a loadable tokenizer directory ({first})") from None
 
 
 def cmd_generate(args) -> int:

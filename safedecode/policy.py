@@ -249,6 +249,8 @@ def load_policy(spec: "str | os.PathLike | Policy") -> Policy:
     text = os.fspath(spec)
     if isinstance(spec, os.PathLike) or os.path.isfile(text) or "/" in text or os.sep in text:
         path = Path(text)
+        if path.is_dir():
+            raise PolicyError(f"{path}: is a directory, not a policy file")
         if not path.is_file():
             names = ", ".join(available_policies()) or "(none)"
             raise PolicyError(f"{path}: no such policy file (policy names: {names})")

@@ -6,9 +6,13 @@ generated so far and a copy of the ids it last saw; the numba kernel recognises 
 one-token extension of some previous row (beam search reorders rows), advances its state, and
 writes -inf into the forbidden ids — in one call, with no copy of the logits on CPU.
 
-A call whose rows are not one-token extensions of the previous call's rows starts a new generation
-(the automata restart at the first generated token), so one processor object can be reused for
-several ``generate`` calls. Call :meth:`reset` to force a restart.
+**Reuse needs** :meth:`reset`. From ``(input_ids, scores)`` alone a new ``generate`` call cannot
+always be told from a continuation: a new prompt that happens to be a one-token extension of the
+previous call's rows (the previous call generated one token, say) would count its last token as
+output. So reusing a processor object for another ``model.generate`` call requires ``reset()``
+first; :func:`safedecode.generate`, the server and the vLLM plugin build or reset theirs. The
+processor still restarts on its own when the rows cannot be a continuation (another batch size or
+first column, a row that is not a one-token extension), but that is a safety net, not a contract.
 
 A processor holds per-generation state: use one per concurrent generation (the compiled policy it
 wraps is immutable and shared).
@@ -101,7 +105,12 @@ class SafeLogitsProcessor(LogitsProcessor):
         except (RuntimeError, TypeError):  # on an accelerator, or requires grad
             ids = input_ids.detach().cpu().numpy()
             logits = None
+        if ids.ndim != 2 or scores.dim() != 2 or scores.shape[0] != ids.shape[0]:
+            raise ValueError(f"SafeLogitsProcessor: expected input_ids of shape (batch, length) and scores of "
+                             f"shape (batch, vocab), got {tuple(input_ids.shape)} and {tuple(scores.shape)}")
         if ids.dtype != np.int64:
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise TypeError(f"SafeLogitsProcessor: input_ids must hold integers, got {ids.dtype}")
             ids = ids.astype(np.int64)
         rows, length = ids.shape
         if rows > self._history.shape[0] or length > self._history.shape[1]:

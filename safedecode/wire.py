@@ -173,6 +173,8 @@ def _loads(text: str, key: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PolicyError(f"{key}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{key}: not valid JSON: nested too deeply") from None
 
 
 def _object(value: Any, where: str) -> SafedecodeOptions:
@@ -204,7 +206,11 @@ def _policies(spec: Any, limits: Limits) -> list[Policy]:
     if isinstance(spec, str):
         return [named_policy(spec.strip())]
     if isinstance(spec, Mapping):
-        canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+        try:
+            canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise PolicyError(f"policy: an inline policy must be plain JSON data, not too deeply nested "
+                              f"({type(exc).__name__})") from None
         if len(canonical.encode("utf-8")) > limits.max_policy_bytes:
             raise PolicyTooLarge(f"policy: {len(canonical.encode('utf-8'))} bytes of inline policy; the limit "
                                  f"is {limits.max_policy_bytes}")
