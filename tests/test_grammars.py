@@ -106,7 +106,7 @@ def test_readme_describes_every_policy():
     readme = (GRAMMARS / "README.md").read_text(encoding="utf-8")
     for path in POLICY_FILES:
         assert f"`{path.name}`" in readme, f"grammars/README.md does not mention {path.name}"
-    assert "safedecode check --policy grammars/secrets.toml" in readme
+    assert "safedecode check --policy secrets" in readme
 
 
 # --------------------------------------------------------------------------------------------
