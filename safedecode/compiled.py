@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from . import kernels
-from .compiler import DEFAULT_MAX_STATES, compile_components
+from .compiler import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET, compile_components
 from .policy import Policy
 from .token_automaton import build_token_automaton
 from .trie import build_trie
@@ -126,13 +126,17 @@ def default_cache_dir() -> Optional[Path]:
 
 
 def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_STATES,
-                   cache_dir: Optional[Path] | bool = True, progress: bool = False) -> CompiledPolicy:
+                   cache_dir: Optional[Path] | bool = True, progress: bool = False,
+                   budget: Optional[int] = DEFAULT_WORK_BUDGET) -> CompiledPolicy:
     """Compile ``policy`` against ``tokenizer`` (HF tokenizer, tiktoken Encoding or Vocabulary).
 
     Cached in memory, then on disk: compiling the same policy for the same vocabulary twice costs a
     dictionary lookup, and a new process pays only the file load. ``progress=True`` draws a progress
     bar on stderr (tqdm) for a compile that takes more than about a second. ``max_states`` bounds
     the DFA of every rule and component; over it, :class:`~safedecode.errors.AutomatonTooLargeError`.
+    ``budget`` bounds the work of determinization (units of roughly a microsecond; None: unbounded);
+    over it, :class:`~safedecode.compiler.BudgetExceededError` (an ``AutomatonTooLargeError``), raised
+    as soon as the budget is spent. A cached policy costs no budget.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"expected a safedecode.Policy, got {type(policy).__name__}")
@@ -146,7 +150,7 @@ def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_S
     directory = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     compiled = _load(directory, key, policy, vocabulary) if directory else None
     if compiled is None:
-        compiled = _compile(policy, vocabulary, max_states, progress)
+        compiled = _compile(policy, vocabulary, max_states, progress, budget)
         if directory:
             _store(directory, key, compiled)
     with _memory_lock:
@@ -156,10 +160,11 @@ def compile_policy(policy: Policy, tokenizer, *, max_states: int = DEFAULT_MAX_S
     return compiled
 
 
-def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: bool) -> CompiledPolicy:
+def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: bool,
+             budget: Optional[int] = DEFAULT_WORK_BUDGET) -> CompiledPolicy:
     t0 = time.perf_counter()
     with _progress_bar(progress, "rules", "rule") as report:
-        components = compile_components(policy, max_states=max_states, progress=report)
+        components = compile_components(policy, max_states=max_states, progress=report, budget=budget)
     t1 = time.perf_counter()
     trie, (token_bytes, token_offsets) = _trie_and_bytes(vocabulary)
     id_to_rank = np.full(vocabulary.size, -1, dtype=np.int32)
@@ -257,6 +262,19 @@ def combine(parts: list[CompiledPolicy]) -> CompiledPolicy:
     stats = {"parts": [part.stats for part in parts], "components": len(tables), "component_rules": component_rules,
              "compile_seconds": round(sum(part.stats.get("compile_seconds", 0) for part in parts), 4)}
     return CompiledPolicy(policy, first.vocabulary, kernels.pack_tables(tables), stats)
+
+
+def compile_parts(policies: list[Policy], tokenizer, *, budgets=None, **options) -> Optional[CompiledPolicy]:
+    """Each policy compiled as its own part (``options`` as for :func:`compile_policy`; ``budgets``
+    one work budget per policy, None: unbounded) and run side by side (:func:`combine`); None for
+    no policies. Special tokens are forbidden if any policy forbids them."""
+    if not policies:
+        return None
+    budgets = list(budgets) if budgets is not None else [options.pop("budget", DEFAULT_WORK_BUDGET)] * len(policies)
+    pairs = sorted(zip(policies, budgets), key=lambda pair: pair[0].special_tokens != "forbid")  # forbidding first
+    parts = [compile_policy(p if i == 0 or p.special_tokens != "forbid" else Policy(forbid=p.forbid), tokenizer,
+                            budget=budget, **options) for i, (p, budget) in enumerate(pairs)]
+    return parts[0] if len(parts) == 1 else combine(parts)
 
 
 def forbidden_special_ids(policy: Policy, vocabulary: Vocabulary) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import AutomatonTooLargeError
 from .nfa import CHAR, EPS, MATCH, NFA, SPLIT
+from .syntax import Budget, budget_or_unlimited
 
 MATCH_STATE = 0
 START_STATE = 1
@@ -64,7 +65,9 @@ class CharDFA:
 
 class _Determinizer:
     def __init__(self, nfa: NFA, alphabet, word_classes: np.ndarray, newline_class: int,
-                 distinguish_words: bool, distinguish_newline: bool, max_states: int):
+                 distinguish_words: bool, distinguish_newline: bool, max_states: int,
+                 budget: Optional[Budget] = None):
+        self.budget = budget_or_unlimited(budget)
         self.nfa = nfa
         self.alphabet = alphabet
         self.n_classes = alphabet.n_classes
@@ -118,6 +121,7 @@ class _Determinizer:
     def moves(self, seeds, prev: int, la: int):
         """``closure`` then ``step_all``, memoized per seed: (class → moved seeds, matched, pending)."""
         cache = self.seed_moves
+        self.budget.spend(2 + len(seeds))
         moved: dict[int, list[int]] = {}
         matched = pending_newline = False
         for seed in seeds:
@@ -188,6 +192,7 @@ class _Determinizer:
                             stack.append(nxt * 3 + ob2)
                 else:  # pragma: no cover - the parser only produces the kinds above
                     raise AssertionError(a)
+        self.budget.spend(5 + len(seen))
         return tuple(char_threads), matched, pending_newline
 
     def step_all(self, char_threads, la: int) -> dict[int, list[int]]:
@@ -309,6 +314,9 @@ class _Determinizer:
         while queue_index < len(self.keys):
             seeds, prev = self.keys[queue_index]
             queue_index += 1
+            # The work of one state: its seeds' moves are merged per look-ahead kind, and each moved
+            # class interns a subset (hashing it); the row itself is a copy of n_classes entries.
+            self.budget.spend(10 + len(seeds) // 2 + self.n_classes // 32)
             if prev not in default_row:
                 default_row[prev] = np.array(
                     [self.intern(restart[prev, c], int(self.prev_after[c]), restart[prev, c])
@@ -323,6 +331,7 @@ class _Determinizer:
                     if pending_newline:  # a match that holds if the rest of the text is exactly "\n"
                         moved_by_class[self.newline_class] = tuple(moved_by_class.get(self.newline_class, ())) + (
                             self.nfa.match * 3 + END_NOW,)
+                    self.budget.spend(2 * len(moved_by_class) + sum(map(len, moved_by_class.values())) // 4)
                     for cls, moved in moved_by_class.items():
                         base = restart[prev, cls]
                         row[cls] = self.intern(base.union(moved), int(self.prev_after[cls]), base)
@@ -336,7 +345,12 @@ class _Determinizer:
 
 
 def determinize(nfa: NFA, alphabet, word_classes: np.ndarray, newline_class: int, *,
-                distinguish_words: bool, distinguish_newline: bool, max_states: int) -> CharDFA:
-    """Subset construction of Σ*·NFA with assertions; see the module docstring."""
+                distinguish_words: bool, distinguish_newline: bool, max_states: int,
+                budget: Optional[Budget] = None) -> CharDFA:
+    """Subset construction of Σ*·NFA with assertions; see the module docstring.
+
+    ``budget`` is charged as the construction goes (threads visited, subsets interned), so a
+    construction over budget stops after about the budget's work, not after the whole DFA.
+    """
     return _Determinizer(nfa, alphabet, word_classes, newline_class, distinguish_words,
-                         distinguish_newline, max_states).run()
+                         distinguish_newline, max_states, budget).run()

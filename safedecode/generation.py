@@ -128,7 +128,8 @@ def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak
                      processor, kwargs)
     fmt = conversation.format
     result.tool_calls = parse_tool_calls(result.text, declare_tools(tools), fmt.tool_call_open, fmt.tool_call_close,
-                                         fmt.tool_call_arguments_key) if tools else []
+                                         fmt.tool_call_arguments_key,
+                                         trusted_text=conversation.trusted_text) if tools else []
     return result
 
 

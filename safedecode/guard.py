@@ -34,13 +34,13 @@ from typing import Iterable, Optional
 import regex
 
 from .compiled import _vocabulary_of, combine, compile_policy
-from .compiler import DEFAULT_MAX_STATES
+from .compiler import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET
 from .errors import PolicyError
 from .exfil import exfiltration_rules
 from .negation import departure_regex
 from .policy import Policy
 from .processor import SafeLogitsProcessor
-from .tools import ToolError, declare_tools, tool_call_regex
+from .tools import ToolError, declare_tools, escaped_spelling_rules, tool_call_regex
 
 DEFAULT_LEAK_WINDOW = 24
 TOOL_CHOICES = ("auto", "required", "none")
@@ -55,9 +55,8 @@ def guard_vocabulary(conversation):
     return dataclasses.replace(vocabulary, eos_ids=vocabulary.eos_ids | {end_of_turn})
 
 
-def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: Iterable[str],
-                  tool_choice: str) -> Policy:
-    """The request-independent part of the guard (cacheable)."""
+def channel_policy(conversation, tools, allow_hosts: Iterable[str], tool_choice: str) -> Policy:
+    """The channel rules: control tokens and their text, delimiters, links, tool calls (cacheable)."""
     fmt = conversation.format
     texts = set(fmt.control_tokens) | {fmt.tool_result_open.strip(), fmt.tool_result_close.strip()}
     rules = [{"id": "channel:control-text", "literal": t} for t in sorted(texts) if t]
@@ -65,20 +64,51 @@ def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: It
     rules.append({"id": "channel:delimiter", "regex": r"<<\s*/?\s*untrust", "ignore_case": True})
     rules += exfiltration_rules(allow_hosts)
     rules += _tool_rules(conversation, tools, tool_choice)
-    rules += list(policy.forbid) if policy is not None else []
     return Policy(forbid=rules, special_tokens="forbid")
 
 
-def request_policy(conversation, nonce: str, leak_window: int) -> Policy:
-    """The per-request part: the nonce and every ``leak_window``-character span of the system text."""
+def user_policy(policy: Optional[Policy], calls_possible: bool) -> Optional[Policy]:
+    """A user policy as the guard enforces it: its rules, plus (when a tool call is possible) their
+    companions over the JSON-escaped spelling, so that they apply to the decoded value of every
+    string in a call (:func:`safedecode.tools.escaped_spelling_rules`; they apply to the whole
+    output, so with tools a forbidden phrase spelled with ``\\"``/``\\\\`` outside a call is
+    refused too — as a CommonMark renderer would show it). Special tokens are the channel part's job."""
+    if policy is None or not policy.forbid:
+        return None
+    companions = escaped_spelling_rules(policy) if calls_possible else []
+    return Policy(forbid=list(policy.forbid) + companions)
+
+
+def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: Iterable[str],
+                  tool_choice: str) -> Policy:
+    """The request-independent part of the guard, as one policy: the channel rules and ``policy``
+    as :func:`user_policy` enforces it (the guard compiles the two as separate parts)."""
+    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
+    user = user_policy(policy, _calls_possible(channel))
+    return Policy(forbid=list(channel.forbid) + (list(user.forbid) if user else []), special_tokens="forbid")
+
+
+def _calls_possible(channel: Policy) -> bool:
+    return any(rule.id == "tool:call" for rule in channel.forbid)
+
+
+def request_policy(conversation, nonce: str, leak_window: int, calls_possible: bool = False) -> Policy:
+    """The per-request part: the nonce and every ``leak_window``-character span of the system text.
+    With ``calls_possible``, a span holding ``"`` or ``\\`` is also forbidden in its JSON-escaped
+    spelling (:func:`~safedecode.tools.escaped_spelling_rules`): a tool argument's decoded value
+    must not copy it either."""
     system = conversation.system_text
     spans = sorted({system[i:i + leak_window] for i in range(len(system) - leak_window + 1)})
     rules = [{"id": "channel:nonce", "literal": nonce, "ignore_case": True}]
     rules += [{"id": "channel:system-leak", "literal": span} for span in spans if span.strip()]
+    if calls_possible:
+        escapable = [rule for rule in rules if '"' in rule["literal"] or "\\" in rule["literal"]]
+        rules += escaped_spelling_rules(Policy(forbid=escapable)) if escapable else []
     return Policy(forbid=rules)
 
 
 def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
+    """The tool-call block rule (and ``tool:only-calls``), or ``tool:none``."""
     fmt = conversation.format
     declared = declare_tools(tools)
     open_tag, close_tag = fmt.tool_call_open.strip(), fmt.tool_call_close.strip()
@@ -105,22 +135,39 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
 
 def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
                 leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto",
-                max_states: int = DEFAULT_MAX_STATES, **telemetry_options) -> SafeLogitsProcessor:
+                max_states: int = DEFAULT_MAX_STATES, budget=DEFAULT_WORK_BUDGET,
+                **telemetry_options) -> SafeLogitsProcessor:
     """The guard processor for ``conversation``'s current encoding (encoded now if needed).
-    ``max_states`` bounds every rule and component while compiling (servers pass their request
-    limit: an over-large request is refused by the one compilation itself)."""
+
+    ``policy`` is a :class:`Policy`, or a sequence of them (each compiled as its own part, so a
+    shipped policy stays cached when a request adds inline rules). ``max_states`` bounds the
+    compilation of every part, ``budget`` the work of compiling each policy (an int, None for
+    unbounded, or one per policy): servers pass their request limits, so an over-large request is
+    refused by the one compilation itself, as soon as a limit is passed."""
     if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
         raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
-    if policy is not None and not isinstance(policy, Policy):
-        raise PolicyError(f"policy must be a safedecode.Policy or None, got {type(policy).__name__}")
+    policies = [] if policy is None else [policy] if isinstance(policy, Policy) else list(policy)
+    for item in policies:
+        if not isinstance(item, Policy):
+            raise PolicyError(f"policy must be a safedecode.Policy, a sequence of them, or None; got "
+                              f"{type(item).__name__}")
     if conversation.encoded is None:
         conversation.encode(tools)
     vocabulary = guard_vocabulary(conversation)
-    fixed = compile_policy(static_policy(conversation, policy, tools, allow_hosts, tool_choice), vocabulary,
-                           max_states=max_states)
-    per_request = compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window),
-                                 vocabulary, cache_dir=False, max_states=max_states)
-    return SafeLogitsProcessor(combine([fixed, per_request]), **telemetry_options)
+    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
+    calls_possible = _calls_possible(channel)
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(policies)
+    if len(budgets) != len(policies):
+        raise PolicyError(f"budget: {len(budgets)} budgets for {len(policies)} policies")
+    parts = [compile_policy(channel, vocabulary, max_states=max_states)]
+    for item, item_budget in zip(policies, budgets):
+        user = user_policy(item, calls_possible)
+        if user is not None:
+            parts.append(compile_policy(user, vocabulary, max_states=max_states, budget=item_budget))
+    parts.append(compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window, calls_possible),
+                                vocabulary, cache_dir=False, max_states=max_states))
+    return SafeLogitsProcessor(combine(parts), **telemetry_options)
 
 
-__all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "static_policy", "request_policy", "guard_vocabulary"]
+__all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "channel_policy", "user_policy", "static_policy", "request_policy",
+           "guard_vocabulary"]

@@ -13,10 +13,11 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 from .errors import AutomatonTooLargeError
-from .syntax import Alt, Assert, Chars, Node, Repeat, Seq
+from .syntax import Alt, Assert, Budget, Chars, Node, Repeat, Seq
 
 CHAR, EPS, SPLIT, ASSERT, MATCH = range(5)
 
@@ -30,8 +31,11 @@ class NFA:
     start: int = -1
     match: int = -1
     max_nodes: int = 1_000_000
+    budget: Optional[Budget] = None
 
     def add(self, kind: int, out1: int = -1, out2: int = -1, arg=None) -> int:
+        if self.budget is not None and not len(self.kind) & 255:
+            self.budget.spend(256)  # about a microsecond a node, charged 256 nodes at a time
         if len(self.kind) >= self.max_nodes:
             raise AutomatonTooLargeError(
                 f"the patterns expand to more than {self.max_nodes} NFA nodes; reduce counted repetitions")
@@ -42,12 +46,14 @@ class NFA:
         return len(self.kind) - 1
 
 
-def build_nfa(patterns: list[Node], classes_of_spec, max_nodes: int = 1_000_000) -> NFA:
+def build_nfa(patterns: list[Node], classes_of_spec, max_nodes: int = 1_000_000,
+              budget: Optional[Budget] = None) -> NFA:
     """Build one NFA matching any of ``patterns``.
 
-    ``classes_of_spec(spec) -> frozenset[int]`` maps a CharSpec to its alphabet classes.
+    ``classes_of_spec(spec) -> frozenset[int]`` maps a CharSpec to its alphabet classes; ``budget``
+    (a :class:`~safedecode.syntax.Budget`) is charged for the nodes built.
     """
-    nfa = NFA(max_nodes=max_nodes)
+    nfa = NFA(max_nodes=max_nodes, budget=budget)
     nfa.match = nfa.add(MATCH)
 
     def compile_node(node: Node, next_node: int) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union
 
 import regex
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import PolicyError, SafeDecodeError
 from .resources import POLICY_ENV, catalogue, find, suggest
@@ -36,6 +36,7 @@ from .toml_io import read_toml
 from .syntax import parse, uses_assertion
 from .variants import literal_pattern, regex_pattern
 from .variants import validate as validate_variants
+from .variants import validate_separators
 
 ANCHORS = {"start", "end", "dollar", "word_boundary", "not_word_boundary"}
 
@@ -60,16 +61,22 @@ class LiteralRule(_RuleBase):
     literal: str = Field(min_length=1)
     whole_word: bool = False
     variants: tuple[str, ...] = ()
+    separators: Optional[str] = None  # narrows the `spacing` variant: one character class
 
     @field_validator("variants", mode="before")
     @classmethod
     def _check_variants(cls, value: Any) -> tuple[str, ...]:
         return validate_variants(value, literal=True)
 
+    @field_validator("separators")
+    @classmethod
+    def _check_separators(cls, value: Any, info: ValidationInfo) -> Optional[str]:
+        return _separators(value, info)
+
     @property
     def pattern(self) -> str:
         if self.variants:
-            return literal_pattern(self.literal, self.whole_word, self.ignore_case, self.variants)
+            return literal_pattern(self.literal, self.whole_word, self.ignore_case, self.variants, self.separators)
         escaped = regex.escape(self.literal)
         return rf"\b{escaped}\b" if self.whole_word else escaped
 
@@ -80,15 +87,30 @@ class RegexRule(_RuleBase):
 
     regex: str = Field(min_length=1)
     variants: tuple[str, ...] = ()
+    separators: Optional[str] = None  # narrows the `spacing` variant: one character class
 
     @field_validator("variants", mode="before")
     @classmethod
     def _check_variants(cls, value: Any) -> tuple[str, ...]:
         return validate_variants(value, literal=False)
 
+    @field_validator("separators")
+    @classmethod
+    def _check_separators(cls, value: Any, info: ValidationInfo) -> Optional[str]:
+        return _separators(value, info)
+
     @property
     def pattern(self) -> str:
-        return regex_pattern(self.regex, self.ignore_case, self.variants) if self.variants else self.regex
+        return (regex_pattern(self.regex, self.ignore_case, self.variants, self.separators) if self.variants
+                else self.regex)
+
+
+def _separators(value: Any, info: ValidationInfo) -> Optional[str]:
+    if value is None:
+        return None
+    if "spacing" not in info.data.get("variants", ()):
+        raise ValueError("separators narrow the 'spacing' variant; add variants = [\"spacing\", ...]")
+    return validate_separators(value)
 
 
 class BlockRule(_RuleBase):
@@ -127,9 +149,10 @@ class BlockRule(_RuleBase):
 Rule = Union[LiteralRule, RegexRule, BlockRule]
 
 
-_RULE_KEYS = "literal | regex | open+body+close, ignore_case, whole_word (literal only), variants, id"
+_RULE_KEYS = ("literal | regex | open+body+close, ignore_case, whole_word (literal only), variants, "
+              "separators, id")
 _ALL_RULE_KEYS = ("literal", "regex", "open", "body", "close", "at_start", "ignore_case", "whole_word",
-                  "variants", "id")
+                  "variants", "separators", "id")
 _TOP_KEYS = ("forbid", "special_tokens", "description")
 
 

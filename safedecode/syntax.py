@@ -15,14 +15,53 @@ Invariants:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import regex
 
-from .errors import PatternError
+from .errors import AutomatonTooLargeError, PatternError
 
 MAX_REPEAT = 1000
+
+# Work budgets (units of roughly one microsecond of compiling on one core; see :class:`Budget`).
+DEFAULT_WORK_BUDGET = 120_000_000  # library default: about two minutes, generous
+SERVER_WORK_BUDGET = 500_000  # for untrusted policies: refusal after roughly 0.3–0.7 s measured on 2 busy cores
+
+
+class BudgetExceededError(AutomatonTooLargeError):
+    """Compiling needed more work than the :class:`Budget` allows; the policy is refused."""
+
+
+class Budget:
+    """A work budget shared by every stage of compiling one policy.
+
+    Each stage calls :meth:`spend` with units of work proportional to what it is about to do (NFA
+    nodes built, threads visited during subset construction, rows of the byte DFA, oracle scans of
+    character sets...). A unit is calibrated to roughly one microsecond on one core, so a budget of
+    ``N`` units refuses a policy after roughly ``N`` microseconds of work — never after a large
+    automaton was built. ``limit=None`` means unbounded. ``label`` names the rule (or group of
+    rules) being compiled, for the error message.
+    """
+
+    def __init__(self, limit: Optional[int] = DEFAULT_WORK_BUDGET):
+        self.limit = limit
+        self.used = 0
+        self.label: Optional[str] = None
+
+    def spend(self, units: int = 1) -> None:
+        self.used += units
+        if self.limit is not None and self.used > self.limit:
+            where = f"{self.label}: " if self.label else ""
+            raise BudgetExceededError(
+                f"{where}compiling needs more than {self.limit:,} units of work (the work budget); "
+                f"simplify the pattern (long case-insensitive or counted runs of broad classes such as "
+                f"\\w{{500}} are expensive) or raise the budget")
+
+
+def budget_or_unlimited(budget: Optional[Budget]) -> Budget:
+    """``budget``, or a fresh unbounded one."""
+    return budget if budget is not None else Budget(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,6 +79,7 @@ class CharSpec:
     kind: str
     value: Union[int, str, bool]
     ignore_case: bool
+    position: Optional[int] = field(default=None, compare=False)  # where it starts in the pattern
 
 
 @dataclass(frozen=True)
@@ -335,7 +375,7 @@ class _Parser:
                                  "escape a literal '[' as '\\['", j)
             j += 1
         self.i = j + 1
-        return Chars(CharSpec("set", self.p[start:self.i], self.ignore_case))
+        return Chars(CharSpec("set", self.p[start:self.i], self.ignore_case, start))
 
     def _check_class_escape(self, j: int) -> None:
         c = self.p[j + 1] if j + 1 < len(self.p) else ""
@@ -355,7 +395,7 @@ class _Parser:
         if c == "B":
             return Assert("not_word_boundary")
         if c in _CLASS_ESCAPES:
-            return Chars(CharSpec("set", "\\" + c, self.ignore_case))
+            return Chars(CharSpec("set", "\\" + c, self.ignore_case, start))
         if c in "pPN":
             if self.peek() == "{":
                 end = self.p.index("}", self.i)
@@ -363,7 +403,7 @@ class _Parser:
             else:
                 self.i += 1
             # \N{name} is one character; letting the oracle resolve it keeps regex's Unicode names.
-            return Chars(CharSpec("set", self.p[start:self.i], self.ignore_case))
+            return Chars(CharSpec("set", self.p[start:self.i], self.ignore_case, start))
         if c in _SIMPLE_ESCAPES:
             return Chars(CharSpec("char", ord(_SIMPLE_ESCAPES[c]), self.ignore_case))
         if c in "xuU":
@@ -414,4 +454,103 @@ def _parse_cached(pattern: str, ignore_case: bool) -> Node:
     node = _Parser(pattern, ignore_case, None).parse()
     if nullable(node):
         raise PatternError("can match the empty string, so it would forbid every output", pattern, None)
+    _check_case_insensitive_sets(node, pattern)
     return node
+
+
+# ---------------------------------------------------------------------------------------------
+# Case-insensitive properties where ``regex`` treats them as members of a set
+# ---------------------------------------------------------------------------------------------
+# Under IGNORECASE, ``regex`` matches a property alone (``\p{Lu}``) differently from the same
+# property as a member of a set: alone, ``(?i)\p{Lu}`` matches every cased letter (ĸ included);
+# in a set, a character matches if one of its case variants has the property (U+0345, whose
+# variant Ι is Lu, yes; ĸ, which has no variant, no). Two places make a set where the pattern
+# shows none: its optimiser merges adjacent single-character alternatives into one set
+# (``(?:[ι]|\p{Lu})``, also after moving a common prefix out: ``x\p{Lu}|x\p{Ll}``), and its
+# search loop pre-checks the first character of a match against the set of all possible first
+# items when the pattern does not start with one (``(?:\p{Lu}x|y)``, ``\p{Lu}?x``). Character
+# classes in brackets are sets already and literal characters match alike either way (checked over
+# every cased character), so only properties can differ — and only those whose two meanings
+# really differ (decided by the oracle itself, two scans) are refused, with their position.
+def _maybe_differs(spec: CharSpec) -> bool:
+    return spec.kind == "set" and spec.ignore_case and ("\\p" in spec.value or "\\P" in spec.value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _member_meaning_differs(source: str) -> bool:
+    """True if ``source`` under IGNORECASE matches other characters alone than as a set member."""
+    from .charsets import normalize, scan  # charsets builds on this module
+
+    alone = scan(source, True)
+    member = scan(f"(?:{source}|\\x00)", True)  # merged into a set with U+0000 by regex's optimiser
+    if not (alone and alone[0][0] == 0):
+        member = normalize((max(lo, 1), hi) for lo, hi in member if hi >= 1)
+    return alone != member
+
+
+def _risky(node) -> bool:
+    return isinstance(node, Chars) and _maybe_differs(node.spec) and _member_meaning_differs(node.spec.value)
+
+
+def _first_items(node: Node, out: list) -> bool:
+    """Append the atoms that can consume a match's first character; return True if ``node`` can
+    also be passed without consuming one (then the next item's first atoms count too)."""
+    if isinstance(node, Chars):
+        out.append(node)
+        return False
+    if isinstance(node, Assert):
+        return True
+    if isinstance(node, Seq):
+        for item in node.items:
+            if not _first_items(item, out):
+                return False
+        return True
+    if isinstance(node, Alt):
+        passable = False
+        for item in node.items:
+            passable |= _first_items(item, out)
+        return passable
+    if isinstance(node, Repeat):
+        return _first_items(node.item, out) or node.min == 0
+    raise TypeError(node)
+
+
+def _refuse_member(node: Chars, pattern: str, where: str) -> PatternError:
+    source = node.spec.value
+    return PatternError(
+        f"{source} under ignore_case {where} is not supported: there the regex package matches it as a member "
+        f"of a case-insensitive set, which differs from {source} alone (e.g. for U+0345 or ĸ); write "
+        f"single-character alternatives as one class (e.g. [ι{source}]), make the pattern start with one "
+        f"character or class, or drop ignore_case", pattern, node.spec.position)
+
+
+def _check_case_insensitive_sets(node: Node, pattern: str) -> None:
+    """Refuse a case-insensitive property where ``regex`` would match it as a set member (above)."""
+    if "\\p" not in pattern and "\\P" not in pattern:
+        return
+    firsts: list = []
+    _first_items(node, firsts)
+    simple_start = isinstance(node, Chars) or (isinstance(node, Seq) and isinstance(node.items[0], Chars))
+    if not simple_start and len(set(f.spec for f in firsts)) >= 2:
+        for item in firsts:
+            if _risky(item):
+                raise _refuse_member(item, pattern, "as one of several possible first characters of a match")
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, (Seq, Alt)):
+            stack.extend(current.items)
+        elif isinstance(current, Repeat):
+            stack.append(current.item)
+        if not isinstance(current, Alt):
+            continue
+        heads = [b.items[0] if isinstance(b, Seq) and b.items else b for b in current.items]
+        shared_head = all(isinstance(h, Chars) for h in heads) and all(
+            h.spec.ignore_case == heads[0].spec.ignore_case and (h.spec == heads[0].spec or "set" in (
+                h.spec.kind, heads[0].spec.kind)) for h in heads)
+        for branch in current.items:
+            if _risky(branch):
+                raise _refuse_member(branch, pattern, "as an alternative of an alternation")
+            if shared_head and isinstance(branch, Seq) and branch.items and _risky(branch.items[-1]):
+                raise _refuse_member(branch.items[-1], pattern,
+                                     "as the last item of alternatives that share a first item")

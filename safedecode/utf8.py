@@ -30,6 +30,7 @@ import numpy as np
 from .charsets import REPLACEMENT_CHARACTER
 from .dfa import MATCH_STATE, CharDFA
 from .errors import AutomatonTooLargeError
+from .syntax import Budget, budget_or_unlimited
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def _lead_info(byte: int):
 
 
 class _ByteBuilder:
-    def __init__(self, dfa: CharDFA, max_states: int):
+    def __init__(self, dfa: CharDFA, max_states: int, budget: Optional[Budget] = None):
+        self.budget = budget_or_unlimited(budget)
         self.dfa = dfa
         self.alphabet = dfa.alphabet
         self.max_states = max_states
@@ -89,6 +91,7 @@ class _ByteBuilder:
     def new_intermediate(self, key: tuple) -> int:
         state = self.intermediates.get(key)
         if state is None:
+            self.budget.spend(4 + len(key[4]) // 8)  # a key to hash
             state = self.n_char + len(self.intermediates)
             if len(self.intermediates) > self.max_states:
                 raise AutomatonTooLargeError(f"more than {self.max_states} UTF-8 intermediate states")
@@ -133,6 +136,7 @@ class _ByteBuilder:
             key = (byte, self.dfa.trans[s, classes].tobytes(), fffd_target, accept)
             state = self.lead_states.get(key)
             if state is None:
+                self.budget.spend(40 + len(classes) // 2)  # code_point_map: numpy work per piece
                 count, _, valid = _lead_info(byte)
                 cmap = self.code_point_map(s, byte)
                 state = self.lead_states[key] = self.new_intermediate((fffd_target, accept, count, valid, cmap))
@@ -143,6 +147,7 @@ class _ByteBuilder:
         """The rows of all character states at once: ASCII bytes by one gather; the upper half once
         per distinct (non-ASCII targets, end_accept) signature — phrase lists have a handful."""
         trans = self.dfa.trans
+        self.budget.spend(self.n_char * (1 + len(self.upper_classes) // 64))
         rows = np.empty((self.n_char, 256), np.int32)
         rows[:, :128] = trans[:, self.ascii_classes]
         signature = np.ascontiguousarray(np.concatenate(
@@ -156,6 +161,7 @@ class _ByteBuilder:
 
     def intermediate_row(self, key: tuple) -> np.ndarray:
         fffd_target, accept, remaining, (valid_lo, valid_hi), cmap = key
+        self.budget.spend(20 + 2 * (valid_hi - valid_lo + 1) + len(cmap))  # per byte: a window of cmap
         if fffd_target == MATCH_STATE:
             row = np.full(256, MATCH_STATE, np.int32)
         else:
@@ -215,6 +221,7 @@ class _ByteBuilder:
         return blocked
 
 
-def to_bytes(dfa: CharDFA, max_states: int = 1_000_000) -> ByteDFA:
-    """Compose the character DFA with a UTF-8 decoder (errors="replace" semantics)."""
-    return _ByteBuilder(dfa, max_states).run()
+def to_bytes(dfa: CharDFA, max_states: int = 1_000_000, budget: Optional[Budget] = None) -> ByteDFA:
+    """Compose the character DFA with a UTF-8 decoder (errors="replace" semantics); ``budget`` is
+    charged per row built."""
+    return _ByteBuilder(dfa, max_states, budget).run()

@@ -15,10 +15,28 @@ respect to it. ``policy.rule.pattern`` shows the generated regex.
   Unicode once per process). Only single-code-point look-alikes: ``rn`` for ``m`` is not included.
 * ``leet`` — the common digit/symbol substitutions of :data:`LEET` (a convention, not Unicode data),
   whatever the case of the letter.
-* ``spacing`` — any run of :data:`SEPARATOR` characters (whitespace, punctuation, combining marks,
-  zero-width and other invisible characters: ``b.o.m.b``, ``b o m b``, ``b\\u200bomb``,
-  ``b\\u00adomb``, ``b̶o̶m̶b̶``) between consecutive characters. The run is unbounded: a separator loop
-  adds no DFA states, a bounded one (``{0,3}``) would count.
+* ``spacing`` — any run of separators between consecutive characters. A separator is every
+  character that is not a letter or digit (:func:`separator`): whitespace, punctuation, symbols,
+  emoji, combining marks, zero-width and other invisible characters, controls, private-use
+  characters, U+FFFD — what an invalid byte decodes to — and the letters of scripts other than the
+  phrase's (``b.o.m.b``, ``b o m b``, ``b\\u200bomb``, ``b̶o̶m̶b̶``, ``b★o★m★b``, ``b😀o😀m😀b``,
+  ``b\\ufffdomb``, ``bжoжmжb``). *Letters* (:func:`letters`): ASCII digits, the whole Latin script
+  (so ``é``, ``ß``, fullwidth ``ｂ`` are letters, never filler), every character that stands for an
+  ASCII letter or digit or for a letter of the phrase under the rule's other variants (both cases,
+  leet ``@ $ ! | +``, look-alikes ``ⓑ а 𝐛 ²``), and, for a phrase in another script, the letters
+  of that script (Cyrillic for ``бомба``; Han, kana and Hangul together). The separator is one
+  negated class, ``[^…]``, the same for every rule of an ASCII word list. The run is unbounded: a
+  separator loop adds no DFA states, a bounded one (``{0,3}``) would count. It can be narrowed
+  (the ``separators`` argument of :func:`literal_pattern` / :func:`regex_pattern`, one character
+  class, :func:`validate_separators`; letters are still removed); policies do not pass one yet.
+  With ``whole_word`` a spaced phrase is delimited by *non-letters* instead of ``\\b``:
+  ``(?:\\A|N)`` before and ``(?:N|\\Z)`` after, ``N`` (:func:`nonword`) being the separators plus the
+  stand-ins that are not ``\\w`` (``damn!`` is a word with leet, ``d!amn`` is ``diamn``). The
+  difference with ``\\b``: ``_`` and other scripts' letters end a word (``my_damn_var``, ``жdamn``),
+  as they separate letters. ``\\b`` there would make each DFA state waiting in a separator run
+  remember whether the separator was a ``\\w`` character (the other scripts' letters are), which
+  multiplied the profanity list's byte automaton by 8 (73,000 states, 42 MB, 3 components). The
+  reversed and URL-encoded forms of a spaced rule use the same boundaries.
 * ``encodings`` (literals only) — forms of the *base* phrase: its UTF-8 bytes in base64 at the
   three alignments (:func:`base64_forms`; standard and URL-safe alphabets), in hex
   (:func:`hex_form`), URL-encoded (``%XX`` per byte, mixed with literal characters), and the phrase
@@ -29,8 +47,9 @@ respect to it. ``policy.rule.pattern`` shows the generated regex.
 Per character, ``case``/``confusables``/``leet`` compose: the class is the character, its case
 variants (with ``case`` or ``ignore_case``), and the look-alikes and leet substitutes of each of
 those. ``spacing`` puts the separator between every two consecutive characters; ``encodings`` adds
-alternatives. ``whole_word`` keeps ``\\b`` around the phrase and its reversal; the encoded forms are
-not words and carry no ``\\b`` (a URL-encoded form needs it only on a literal character at its ends).
+alternatives. ``whole_word`` keeps ``\\b`` around the phrase and its reversal (the non-letter
+boundaries above with ``spacing``); the encoded forms are not words and carry no ``\\b`` (a
+URL-encoded form needs it only on a literal character at its ends).
 
 On a regex rule, ``case`` makes the whole regex case-insensitive; ``confusables``, ``leet`` and
 ``spacing`` apply to its *literal characters*: character sets (``[a-z]``, ``\\w``, ``.``) are left as
@@ -56,6 +75,8 @@ import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
+import regex
+
 from . import charsets
 from .errors import PatternError
 from .syntax import Alt, Assert, Chars, CharSpec, Node, Repeat, Seq, parse
@@ -67,17 +88,24 @@ LITERAL_ONLY = frozenset({"encodings"})
 LEET = {"a": "4@", "b": "8", "e": "3", "g": "69", "i": "1!|", "l": "1|", "o": "0", "s": "5$",
         "t": "7+", "z": "2"}
 
-#: What ``spacing`` allows between two characters, any number of times: every whitespace and
-#: default-ignorable code point (``\s``, ``\p{DI}``: zero-width space and joiners, soft hyphen, word
-#: joiner, BOM, bidi controls, Hangul fillers, variation selectors, tag characters), ASCII and
-#: Latin-1 punctuation and symbols (U+0000–U+002F, U+003A–U+0040, U+005B–U+0060, U+007B–U+00BF),
-#: combining diacritical marks (U+0300–U+036F, strike-through and zalgo), General Punctuation
-#: (U+2000–U+206F), combining marks for symbols (U+20D0–U+20FF), Supplemental Punctuation
-#: (U+2E00–U+2E7F), CJK punctuation (U+3000–U+3003) and fullwidth punctuation. Whole blocks on
-#: purpose: the class is ~40 code point ranges. ``[\s\p{P}\p{S}\p{M}\p{Cf}]`` (thousands of ranges)
-#: made the byte-level DFA of the 31-word profanity list 10x larger (101,000 vs 9,800 states).
-SEPARATOR = (r"[\s\p{DI}\x00-\x2F\x3A-\x40\x5B-\x60\x7B-\xBF\u0300-\u036F\u2000-\u206F\u20D0-\u20FF"
-             r"\u2E00-\u2E7F\u3000-\u3003\uFF01-\uFF0F\uFF1A-\uFF20\uFF3B-\uFF40\uFF5B-\uFF65]")
+#: What is always a letter or digit for ``spacing`` (never a separator): the ASCII digits and every
+#: code point of the Latin script (``A-Z a-z``, ``ª º``, ``À-ɏ``, IPA, ``Ḁ-ỿ``, fullwidth Latin...). To
+#: it :func:`letters` adds, per rule, the characters that stand for a letter or digit under the
+#: rule's other variants and the letters of the scripts of the phrase's own letters.
+LETTERS = r"[0-9\p{Script=Latin}]"
+
+#: The ``spacing`` separator before a rule's variants are taken into account: every character that
+#: is not a letter or digit in the sense of :data:`LETTERS` — whitespace, punctuation, symbols,
+#: emoji, combining marks, invisible and control characters, private-use characters, U+FFFD (what
+#: an invalid byte decodes to), and the letters of other scripts (``dжaжmжn``).
+SEPARATOR = r"[^0-9\p{Script=Latin}]"
+
+#: Scripts whose letters count together: a phrase written in one of them keeps all of them letters.
+_SCRIPT_GROUPS = (("Greek",), ("Cyrillic",), ("Armenian",), ("Hebrew",), ("Arabic",), ("Syriac",),
+                  ("Thaana",), ("Devanagari",), ("Bengali",), ("Gurmukhi",), ("Gujarati",), ("Oriya",),
+                  ("Tamil",), ("Telugu",), ("Kannada",), ("Malayalam",), ("Sinhala",), ("Thai",), ("Lao",),
+                  ("Tibetan",), ("Myanmar",), ("Georgian",), ("Ethiopic",), ("Cherokee",), ("Khmer",),
+                  ("Mongolian",), ("Han", "Hiragana", "Katakana", "Hangul", "Bopomofo"))
 
 _URL_SAFE = {"+": "-", "/": "_"}  # base64url writes these two instead
 _BIDI_MARKS = "\u200e\u200f"  # the packaged data wraps right-to-left characters in these
@@ -188,24 +216,116 @@ def ranges_class(ranges: charsets.Ranges) -> str:
     return "[" + "".join(parts) + "]"
 
 
-@functools.cache
-def separator(variants: tuple[str, ...]) -> str:
-    """The ``spacing`` class for a set of variants: :data:`SEPARATOR` less every character that can
-    stand for an ASCII letter or digit under those variants (leet ``@ $ ! | +``, look-alikes such as
-    ``ª º ¹``). A character that is both a separator and a letter would let every candidate match
-    both advance and wait: with confusables + spacing + leet, the profanity list needs 3,900
-    character-level DFA states with this subtraction and 739,000 without."""
-    stand_ins = sorted({ord(x) for c in string.ascii_lowercase + string.digits
-                        for x in alternatives(c, variants, True) if not (x.isascii() and x.isalnum())})
-    allowed, written = [], charsets.scan(SEPARATOR, False)
-    for lo, hi in written:
-        for cp in stand_ins:
-            if lo <= cp <= hi:
-                allowed.append((lo, cp - 1))
-                lo = cp + 1
-        allowed.append((lo, hi))
-    allowed = charsets.normalize(allowed)
-    return SEPARATOR if allowed == written else ranges_class(allowed)
+@functools.lru_cache(maxsize=1024)
+def letters(variants: tuple[str, ...], phrase: str = "", word_only: bool = False) -> charsets.Ranges:
+    """What ``spacing`` never treats as a separator, for a rule with ``variants`` and literal
+    characters ``phrase``: :data:`LETTERS`; every character that stands for an ASCII letter or digit
+    or for a letter or digit of ``phrase`` under the variants, whatever the case (leet ``@ $ ! | +``,
+    look-alikes such as ``ª ² ⓑ``, ``K`` KELVIN SIGN and ``ſ``); and, for each letter or digit of
+    ``phrase`` outside the Latin script, every character of its script (:data:`_SCRIPT_GROUPS`; the
+    character itself if its script is not listed).
+
+    ``word_only``: only those that are ``\\w`` characters — what continues a word for
+    ``whole_word`` (``damn!`` is a whole word with leet, as with ``\\b``, although ``!`` is ``i``);
+    so whatever ends a word for ``\\b`` (``\\W``) also ends it here.
+
+    A character that both stands for a letter and is a separator would let every candidate match
+    both advance and wait: with confusables + spacing + leet, the profanity list needed 3,900
+    character-level DFA states with the look-alikes kept out of the separators and 739,000 without.
+    """
+    latin = charsets.scan(LETTERS, False)
+    ranges = list(latin)
+    own = [c for c in phrase if c.isalnum()]
+    for c in sorted(set(string.ascii_lowercase + string.digits + "".join(own))):
+        ranges.extend((ord(x), ord(x)) for x in alternatives(c, variants, True)
+                      if not word_only or x == c or regex.match(r"\w", x))
+    for c in sorted(set(own)):
+        if _inside(ord(c), latin):
+            continue
+        group = next((g for g in _SCRIPT_GROUPS if any(regex.match(rf"\p{{Script={name}}}", c) for name in g)), None)
+        for name in group or ():
+            ranges.extend(charsets.scan(rf"\p{{Script={name}}}", False))
+    ranges = charsets.normalize(ranges)
+    return _intersect(ranges, charsets.scan(r"\w", False)) if word_only else ranges
+
+
+def _intersect(a: charsets.Ranges, b: charsets.Ranges) -> charsets.Ranges:
+    out, j = [], 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] < lo:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] <= hi:
+            out.append((max(lo, b[k][0]), min(hi, b[k][1])))
+            k += 1
+    return charsets.normalize(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def nonword(variants: tuple[str, ...], phrase: str = "") -> str:
+    """What ends a word for a spaced ``whole_word`` phrase: the class of everything not in
+    ``letters(variants, phrase, word_only=True)`` — the separators, and the stand-ins that are not
+    ``\\w`` (leet ``! $ @ | +``)."""
+    return "[^" + ranges_class(letters(variants, phrase, True))[1:]
+
+
+def _inside(cp: int, ranges: charsets.Ranges) -> bool:
+    return any(lo <= cp <= hi for lo, hi in ranges)
+
+
+def _complement(ranges: charsets.Ranges) -> charsets.Ranges:
+    out, next_cp = [], 0
+    for lo, hi in ranges:
+        if lo > next_cp:
+            out.append((next_cp, lo - 1))
+        next_cp = hi + 1
+    if next_cp <= charsets.MAX_CODE_POINT:
+        out.append((next_cp, charsets.MAX_CODE_POINT))
+    return charsets.normalize(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def separator_ranges(variants: tuple[str, ...], phrase: str = "", narrow: str | None = None) -> charsets.Ranges:
+    """The code points of :func:`separator` (``narrow``: see :func:`validate_separators`)."""
+    allowed = _complement(letters(variants, phrase))
+    return allowed if narrow is None else _intersect(charsets.scan(narrow, False), allowed)
+
+
+@functools.lru_cache(maxsize=1024)
+def separator(variants: tuple[str, ...], phrase: str = "", narrow: str | None = None) -> str:
+    """The ``spacing`` class of a rule with ``variants`` and literal characters ``phrase``: every
+    character that is not in :func:`letters` (one negated class, ``[^…]``), or, with ``narrow`` (a
+    one-character class such as ``"[\\s.\\-]"``), the characters of ``narrow`` that are not in it."""
+    if narrow is not None:
+        return ranges_class(separator_ranges(variants, phrase, narrow))
+    return "[^" + ranges_class(letters(variants, phrase))[1:]
+
+
+def validate_separators(value: Any) -> str:
+    """A rule's ``separators`` (narrowing ``spacing``): one regex character class in the supported
+    syntax that matches at least one character; ValueError saying why not."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a regex character class such as '[\\s.\\-_]', got {value!r}")
+    try:
+        node = parse(value, False)
+    except PatternError as exc:
+        raise ValueError(f"invalid separators {value!r}: {exc}") from None
+    if not isinstance(node, Chars) or node.spec.kind == "any":
+        raise ValueError(f"separators must be one character class (like '[\\s.\\-_]'), got {value!r}")
+    if not separator_ranges((), "", value):
+        raise ValueError(f"separators {value!r} match no character that is not a letter or digit")
+    return value
+
+
+def _phrase_chars(node: Node) -> str:
+    """The literal characters of a parsed regex (what ``spacing`` must not treat as separators)."""
+    if isinstance(node, Chars):
+        return chr(node.spec.value) if node.spec.kind == "char" else ""
+    if isinstance(node, (Alt, Seq)):
+        return "".join(_phrase_chars(item) for item in node.items)
+    if isinstance(node, Repeat):
+        return _phrase_chars(node.item)
+    return ""
 
 
 def _hex_digits(data: bytes) -> list[str]:
@@ -259,10 +379,28 @@ def _base64_char(k: int, data: bytes, position: int, before: int, after: int) ->
 class _Emitter:
     """Writes variant-expanded regex source for phrases and parsed regexes (one set of variants)."""
 
-    def __init__(self, variants: tuple[str, ...], ignore_case: bool):
+    def __init__(self, variants: tuple[str, ...], ignore_case: bool, phrase: str = "",
+                 separators: str | None = None):
         self.variants = variants
         self.global_case = ignore_case  # the rule's own flag, in force around the whole pattern
-        self.separator = separator(variants) + "*" if "spacing" in variants else ""
+        self.phrase_chars = "".join(sorted(set(phrase)))
+        spacing = "spacing" in variants
+        if spacing and separators is not None and not separator_ranges(variants, self.phrase_chars, separators):
+            spacing = False  # everything the rule narrowed the separators to stands for a letter
+        self.separator_class = separator(variants, self.phrase_chars, separators) if spacing else ""
+        self.separator = self.separator_class + "*" if spacing else ""
+
+    def boundaries(self, phrase: str) -> tuple[str, str]:
+        """``whole_word`` around a spaced phrase: ``(?:\\A|N)`` before and ``(?:N|\\Z)`` after, N
+        the class of what ends a word (:func:`nonword`), where the phrase starts / ends with a
+        letter; ``\\b`` otherwise. (``\\b`` would make every DFA state that waits in a separator
+        run remember whether the separator was a ``\\w`` character — the Unicode letters of other
+        scripts are separators — and multiply the byte-level automaton ~8x.)"""
+        other = nonword(self.variants, self.phrase_chars)
+        word = letters(self.variants, self.phrase_chars, True)
+        before = rf"(?:\A|{other})" if phrase and _inside(ord(phrase[0]), word) else r"\b"
+        after = rf"(?:{other}|\Z)" if phrase and _inside(ord(phrase[-1]), word) else r"\b"
+        return before, after
 
     def char(self, c: str, ignore_case: bool) -> str:
         return char_class(alternatives(c, self.variants, ignore_case))
@@ -310,18 +448,25 @@ class _Emitter:
 
 
 @functools.lru_cache(maxsize=4096)
-def literal_pattern(literal: str, whole_word: bool, ignore_case: bool, variants: tuple[str, ...]) -> str:
-    """The pattern of a literal rule with ``variants`` (see the module docstring)."""
+def literal_pattern(literal: str, whole_word: bool, ignore_case: bool, variants: tuple[str, ...],
+                    separators: str | None = None) -> str:
+    """The pattern of a literal rule with ``variants`` (see the module docstring); ``separators``
+    narrows what ``spacing`` lets through (:func:`validate_separators`)."""
     case = ignore_case or "case" in variants
     bound = r"\b" if whole_word else ""
-    emit = _Emitter(variants, ignore_case)
-    forms = [bound + emit.phrase(literal, case) + bound]
+    emit = _Emitter(variants, ignore_case, literal, separators)
+    before, after = emit.boundaries(literal) if whole_word and "spacing" in variants else (bound, bound)
+    forms = [before + emit.phrase(literal, case) + after]
     if "encodings" in variants:
         plain = _Emitter(("case",) if "case" in variants else (), ignore_case)  # the base phrase's classes
+        # with spacing, every form's whole_word boundary is the spaced form's (one notion of a word
+        # per rule: \b next to a separator-delimited form makes the DFA track \w after separators)
+        spaced_word = whole_word and "spacing" in variants
+        rev_before, rev_after = emit.boundaries(literal[::-1]) if spaced_word else (bound, bound)
         if literal[::-1] != literal:
-            forms.append(bound + plain.phrase(literal[::-1], case) + bound)
-        last = len(literal) - 1  # a literal character at an end of the URL form keeps whole_word's \b
-        forms.append("".join(f"(?:{bound if i == 0 else ''}{plain.char(c, case)}{bound if i == last else ''}"
+            forms.append(rev_before + plain.phrase(literal[::-1], case) + rev_after)
+        last = len(literal) - 1  # a literal character at an end of the URL form keeps whole_word's boundary
+        forms.append("".join(f"(?:{before if i == 0 else ''}{plain.char(c, case)}{after if i == last else ''}"
                              f"|{_percent(c)})" for i, c in enumerate(literal)))
     pattern = emit.scoped("|".join(forms), case)
     if "encodings" in variants:  # base64 and hex are case-sensitive as written, whatever the flags
@@ -331,7 +476,7 @@ def literal_pattern(literal: str, whole_word: bool, ignore_case: bool, variants:
 
 
 @functools.lru_cache(maxsize=4096)
-def regex_pattern(pattern: str, ignore_case: bool, variants: tuple[str, ...]) -> str:
+def regex_pattern(pattern: str, ignore_case: bool, variants: tuple[str, ...], separators: str | None = None) -> str:
     """The pattern of a regex rule with ``variants``: literal characters expanded (see above).
 
     A pattern that does not parse is returned unchanged, so that the policy's own parser reports
@@ -341,4 +486,4 @@ def regex_pattern(pattern: str, ignore_case: bool, variants: tuple[str, ...]) ->
         node = parse(pattern, ignore_case)
     except PatternError:
         return pattern
-    return _Emitter(variants, ignore_case).node(node)
+    return _Emitter(variants, ignore_case, _phrase_chars(node), separators).node(node)

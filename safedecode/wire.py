@@ -46,6 +46,8 @@ class Limits:
     max_rules: int = 1000              # rules of all the request's policies together
     max_regexes: int = 64              # regex and block rules among them
     max_states: int = 10_000           # DFA states per rule and per component (checked while compiling)
+    work_budget: int = 1_000_000       # determinization work for the inline rules, ~1 µs a unit (idem);
+                                       # the server default and named policies are trusted data
 
 
 #: The limits ``safedecode serve`` and the vLLM plugin apply to every request.
@@ -76,9 +78,13 @@ FLAT = {f"{KEY}_{name}": name for name in FIELDS}
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """What a request asks of the guard, validated: the merged policy (None: no rules at all)."""
+    """What a request asks of the guard, validated: the merged policy (None: no rules at all), and
+    the same rules as ``parts`` to compile separately (the server default and each named policy:
+    shipped data, cached after their first use; all inline rules of the request together)."""
 
     policy: Optional[Policy] = None
+    parts: tuple[Policy, ...] = ()
+    budgets: tuple[Optional[int], ...] = ()  # per part: None (trusted data) or the request's work budget
     allow_hosts: tuple[str, ...] = ()
     untrusted: frozenset[int] = field(default_factory=frozenset)
     leak_window: Optional[int] = None
@@ -122,7 +128,8 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
     windows = {o.leak_window for o in parts if o.leak_window is not None}
     if len(windows) > 1:
         raise PolicyError(f"leak_window given twice with different values: {sorted(windows)}")
-    requested = [p for o in parts for p in _policies(o.policy, limits)]
+    found = [item for o in parts for item in _policies(o.policy, limits)]
+    requested = [p for p, _ in found]
     rules = sum(len(p.forbid) for p in requested)
     if rules > limits.max_rules:
         raise PolicyTooLarge(f"the request's policies have {rules} rules; the limit is {limits.max_rules}")
@@ -130,7 +137,12 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
     if regexes > limits.max_regexes:
         raise PolicyTooLarge(f"the request's policies have {regexes} regex/block rules; the limit is "
                              f"{limits.max_regexes}")
+    named = list(dict.fromkeys(p for p, inline in found if not inline))
+    inline = merge([p for p, is_inline in found if is_inline])
+    kept = [(p, budget) for p, budget in [(default, None), *((p, None) for p in named), (inline, limits.work_budget)]
+            if p is not None and (p.forbid or p.special_tokens == "forbid")]
     return RequestOptions(policy=merge([default, *requested]),
+                          parts=tuple(p for p, _ in kept), budgets=tuple(b for _, b in kept),
                           allow_hosts=tuple(dict.fromkeys(h for o in parts for h in o.allow_hosts)),
                           untrusted=frozenset(i for o in parts for i in o.untrusted),
                           leak_window=windows.pop() if windows else None,
@@ -195,8 +207,9 @@ def _object(value: Any, where: str) -> SafedecodeOptions:
         raise PolicyError(f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def _policies(spec: Any, limits: Limits) -> list[Policy]:
-    """A request's ``policy`` value: names (never paths), inline mappings, their JSON text, lists."""
+def _policies(spec: Any, limits: Limits) -> list[tuple[Policy, bool]]:
+    """A request's ``policy`` value — names (never paths), inline mappings, their JSON text, lists —
+    as ``(policy, inline)`` pairs."""
     if spec is None:
         return []
     if isinstance(spec, list):
@@ -204,7 +217,7 @@ def _policies(spec: Any, limits: Limits) -> list[Policy]:
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         spec = _loads(spec, "policy")
     if isinstance(spec, str):
-        return [named_policy(spec.strip())]
+        return [(named_policy(spec.strip()), False)]
     if isinstance(spec, Mapping):
         try:
             canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False)
@@ -217,7 +230,7 @@ def _policies(spec: Any, limits: Limits) -> list[Policy]:
         rules = spec.get("forbid")
         if isinstance(rules, list) and len(rules) > limits.max_rules:
             raise PolicyTooLarge(f"policy: {len(rules)} rules; the limit is {limits.max_rules}")
-        return [_inline(canonical)]
+        return [(_inline(canonical), True)]
     raise PolicyError(f"policy: expected a name, an inline policy object, its JSON text or a list, "
                       f"got {type(spec).__name__}")
 

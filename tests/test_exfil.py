@@ -35,6 +35,23 @@ CASES = [
     ("[click](javascript:fetch('x'))", False),
     ("https://docs.acme.co/", False),  # a prefix of an allowed host followed by a terminator
     ("https://1.2.3.4/x", False),
+    # spellings a renderer resolves (tests/test_exfil_renderer.py checks them against one)
+    ("![x](https&colon;//evil.io/a.png)", False),
+    ("![x](h&#116;tps://evil.io/a.png)", False),
+    ('<img src="https&#x3a;//evil.io">', False),
+    ("[x](https\\://evil.io)", False),
+    ('<img src="ht\ttps://evil.io">', False),
+    ('<img src="https://acme.com\n.evil.io/a">', False),
+    ('<img srcset="a.png 1x, //evil.io/b.png 2x">', False),
+    ('<div style="background:url(//evil.io/a)">', False),
+    ("<https://acme.com;.evil.io>", False),
+    ("\\\\evil.io\\share", False),
+    ("[x](mailto:a@evil.io?body=S)", False),
+    ("[x](ssh://evil.io)", False),
+    ('<a href="file://evil.io/s">', False),
+    ('<img src="https://acme.com/logo.png" alt="logo">', True),
+    ("Docs: https://acme.com\nNext line", True),
+    ("(see https://acme.com). Then &amp; &lt; &#169; file: data: news:", True),
 ]
 
 

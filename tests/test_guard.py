@@ -199,3 +199,22 @@ def test_guard_refuses_bad_arguments(smollm2_tokenizer):
     lonely = safedecode.Conversation(smollm2_tokenizer).user("hi")
     with pytest.raises(safedecode.PolicyError, match="no tool can be called"):
         lonely.guard(tools=[send_email], tool_choice="required")  # no address in the trusted text
+
+
+def test_policy_rules_reach_escaped_spellings_only_when_calls_are_possible(smollm2_tokenizer):
+    """With tools, each policy rule that can match ``"`` or ``\\`` gets a companion over the JSON
+    spelling (``\\"``, ``\\\\``), so it applies to decoded argument values; it applies to the whole
+    output, so the escaped spelling is refused outside a call too (documented over-blocking). Without
+    tools (or with ``tool_choice="none"``) no companion is added: nothing changes for plain text."""
+    from safedecode.guard import static_policy
+
+    policy = safedecode.Policy(forbid=[{"literal": 'say "hi"', "id": "hi"}, {"literal": "plain", "id": "plain"}])
+    conv = conversation(smollm2_tokenizer)
+    with_tools = static_policy(conv, policy, TOOLS, ALLOWED_HOSTS, "auto")
+    assert [i for i in with_tools.rule_ids() if i.endswith(":json-escaped")] == ["hi:json-escaped"]
+    for choice, tools in (("auto", None), ("none", TOOLS)):
+        assert not any(i.endswith(":json-escaped") for i in static_policy(conv, policy, tools, (), choice).rule_ids())
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "say \\"hi\\""}}\n</tool_call>'
+    assert find_violations(with_tools, call)
+    assert find_violations(with_tools, 'I would say \\"hi\\" to them')  # the over-blocking, by design
+    assert not find_violations(with_tools, 'I would say \\"hello\\" to them')

@@ -283,6 +283,9 @@ BIG = "x" * (MAX_BODY_BYTES + 1)
     ("completions", {"prompt": ""}, 400, "the prompt is empty"),
     ("chat", {"safedecode": {"policy": {"forbid": [{"literal": "a"}] * (MAX_POLICY_RULES + 1)}}}, 413, "rules"),
     ("chat", {"safedecode": {"policy": {"forbid": [{"regex": "(a|b)*a(a|b){20}"}]}}}, 413, "state limit"),
+    ("chat", {"safedecode": {"policy": {"forbid": [{"regex": "\\w{60}"}]}}}, 413, "work budget"),
+    ("completions", {"safedecode": {"policy": {"forbid": [{"regex": "\\w{60}"}]}}}, 413, "work budget"),
+    ("chat", {"safedecode": {"policy": ["exfil", "secrets"]}}, 200, ""),  # named policies: trusted, no budget
     ("chat", {"messages": [{"role": "user", "content": BIG}]}, 413, "request body"),
 ])
 def test_bad_requests_get_a_status_and_a_message_naming_the_problem(server, path, body, status, message):
@@ -290,7 +293,8 @@ def test_bad_requests_get_a_status_and_a_message_naming_the_problem(server, path
     response = httpx.post(f"{server}/v1/{'chat/completions' if path == 'chat' else 'completions'}",
                           json=request, timeout=60)
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]["message"]
+    if status != 200:
+        assert message in response.json()["error"]["message"]
 
 
 def test_bad_json_and_the_official_client_errors(server, client):

@@ -65,6 +65,11 @@ EVASIONS = [
     ("a b\u00adom\u00adb here", "spacing"),                    # soft hyphens
     ("a b\u0336o\u0336m\u0336b\u0336 here", "spacing"),        # combining strike-through
     ("a b. o. m. b here", "spacing"),
+    ("a b★o★m★b here", "spacing"),                            # symbols
+    ("a b😀o💣m👍🏽b here", "spacing"),                          # emoji (with a skin-tone modifier)
+    ("a b\ufffdo\ufffdm\ufffdb here", "spacing"),             # what invalid bytes decode to
+    ("a bжoжmжb here", "spacing"),                            # another script's letters are filler
+    ("a b_o_m_b here", "spacing"),
     ("a b0mb here", "leet"),
     ("a 8omb here", "leet"),
     ("a BOMB here", "case"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ..policy import Policy
-from ..wire import REQUEST_LIMITS, parse
+from ..wire import REQUEST_LIMITS, RequestOptions, parse
 
 #: Options of the wire format the engine-level plugins cannot honour yet: they need the chat
 #: conversation (channels) or a response field. Asked for, they are refused, never dropped.
@@ -24,6 +24,11 @@ def request_policy(extra_args: Optional[Mapping[str, Any]]) -> Optional[Policy]:
     Raises ``ValueError`` (a :class:`~safedecode.errors.PolicyError`) starting with ``extra_args:``
     on any invalid configuration, or on an option this adapter cannot honour.
     """
+    return request_options(extra_args).policy
+
+
+def request_options(extra_args: Optional[Mapping[str, Any]]) -> RequestOptions:
+    """The validated options of a request (see :func:`request_policy` for the errors)."""
     try:
         options = parse(None, extra_args or {}, limits=REQUEST_LIMITS)
     except ValueError as exc:
@@ -33,4 +38,4 @@ def request_policy(extra_args: Optional[Mapping[str, Any]]) -> Optional[Policy]:
     if asked:
         raise ValueError(f"extra_args: {', '.join(asked)}: not supported by the vLLM plugin (it enforces "
                          f"policies only; use safedecode serve for the channel guard)")
-    return options.policy
+    return options

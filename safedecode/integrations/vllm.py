@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..compiled import compile_policy
+from ..compiled import compile_parts, compile_policy
 from ..device_mask import device_masks, mask_rows
 from ..policy import Policy
 from ..wire import REQUEST_LIMITS
-from . import request_policy
+from . import request_options, request_policy
 
 _log = logging.getLogger(__name__)
 
@@ -183,10 +183,10 @@ class SafeDecodeLogitsProcessor(_Base):
     def _new_row(self, params, output: list) -> Optional[_Row]:
         """The row state of a newly added request, or None when it has no safedecode config."""
         try:
-            policy = request_policy(getattr(params, "extra_args", None))
-            if policy is None:
-                return None
-            return _Row(compile_policy(policy, self.tokenizer, max_states=REQUEST_LIMITS.max_states), output)
+            options = request_options(getattr(params, "extra_args", None))
+            compiled = compile_parts(list(options.parts), self.tokenizer, budgets=options.budgets,
+                                     max_states=REQUEST_LIMITS.max_states)
+            return None if compiled is None else _Row(compiled, output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed
             _log.error("safedecode: request fails closed (it can only end): %s", exc)
             compiled = compile_policy(_FAIL_CLOSED, self.tokenizer)

@@ -120,6 +120,7 @@ class Prepared:
     kind: str                # "chat" or "completion"
     tools: dict              # tool name → pydantic model (chat with tools)
     format: Any = None       # the ChatFormat (chat)
+    trusted_text: Optional[str] = None  # the conversation's trusted text: FromTrusted is re-checked on parse
 
 
 class Server:
@@ -155,7 +156,7 @@ class Server:
                    stream=body.stream)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
-        from ..compiled import _vocabulary_of, compile_policy
+        from ..compiled import _vocabulary_of, compile_parts
         from ..processor import SafeLogitsProcessor
 
         options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
@@ -166,9 +167,10 @@ class Server:
         ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         max_tokens = self._budget(DEFAULT_COMPLETION_TOKENS, len(ids), body.max_tokens)
         policy = options.policy
-        guarded = policy is not None and (policy.forbid or policy.special_tokens == "forbid")
-        processor = SafeLogitsProcessor(
-            compile_policy(policy, tokenizer, max_states=REQUEST_LIMITS.max_states), **options.telemetry_options()) if guarded \
+        compiled = compile_parts(list(options.parts), tokenizer, budgets=options.budgets,
+                                 max_states=REQUEST_LIMITS.max_states)
+        guarded = compiled is not None
+        processor = SafeLogitsProcessor(compiled, **options.telemetry_options()) if guarded \
             else None
         vocabulary = processor.compiled.vocabulary if processor else _vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
@@ -181,14 +183,15 @@ class Server:
         conversation = build_conversation(Conversation(self.engine.tokenizer, self.format), body.messages, options)
         models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
         encoded = conversation.encode(models or None)
-        guard = conversation.guard(policy=options.policy, tools=models or None, allow_hosts=options.allow_hosts,
+        guard = conversation.guard(policy=options.parts, tools=models or None, allow_hosts=options.allow_hosts,
                                    leak_window=options.leak_window, tool_choice=choice,
-                                   max_states=REQUEST_LIMITS.max_states, **options.telemetry_options())
+                                   max_states=REQUEST_LIMITS.max_states, budget=options.budgets,
+                                   **options.telemetry_options())
         pause = self.format.tool_call_open.strip() if models else None
         tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
         max_tokens = self._budget(DEFAULT_CHAT_TOKENS, len(encoded), body.max_completion_tokens or body.max_tokens)
         job = self._job(body, list(encoded.input_ids), guard, tracker, max_tokens)
-        return Prepared(job, "chat", declare_tools(models), self.format)
+        return Prepared(job, "chat", declare_tools(models), self.format, conversation.trusted_text)
 
     # -- answering ---------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -238,7 +241,7 @@ class Reply:
         if not tools:
             return []
         calls = parse_tool_calls(outcome.text, tools, fmt.tool_call_open, fmt.tool_call_close,
-                                 fmt.tool_call_arguments_key)
+                                 fmt.tool_call_arguments_key, trusted_text=self.prepared.trusted_text)
         return [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": call_json(c)} for c in calls]
 
     @staticmethod
