@@ -218,3 +218,28 @@ def test_policy_rules_reach_escaped_spellings_only_when_calls_are_possible(smoll
     assert find_violations(with_tools, call)
     assert find_violations(with_tools, 'I would say \\"hi\\" to them')  # the over-blocking, by design
     assert not find_violations(with_tools, 'I would say \\"hello\\" to them')
+
+
+class save_note(BaseModel):
+    """Save a note."""
+
+    text: str = Field(max_length=60)
+
+
+def test_a_system_prompt_span_with_quotes_cannot_leave_escaped_in_a_tool_argument(smollm2_tokenizer):
+    """The leak window holds on the *decoded* argument: the span's JSON spelling (\\") is refused,
+    judged by json.loads + find_violations on the argument value."""
+    tok = smollm2_tokenizer
+    system = 'Internal: the vault phrase is "blue falcon at dawn" and it stays here.'
+    conv = safedecode.Conversation(tok).system(system).user("Save a note about the meeting.")
+    guard = conv.guard(tools=[save_note])
+    start = system.index('"') - 5
+    span = system[start:start + 30]
+    call = '<tool_call>\n{"name": "save_note", "arguments": {"text": ' + json.dumps(span) + '}}\n</tool_call>'
+    value = json.loads(call[call.index("{"):call.rindex("}") + 1])["arguments"]["text"]
+    leak_rules = safedecode.Policy(forbid=[{"literal": system[i:i + 24]} for i in range(len(system) - 23)])
+    assert find_violations(leak_rules, value)  # the decoded argument copies a 24-character span
+    ids = tok.encode(call, add_special_tokens=False)
+    assert any(s < 0 for s in guard.compiled.walk(ids)), "the escaped span got through"
+    benign = call.replace(json.dumps(span), json.dumps("meeting moved to Friday"))
+    assert all(s >= 0 for s in guard.compiled.walk(tok.encode(benign, add_special_tokens=False)))
