@@ -29,3 +29,13 @@ def text_of(data: bytes) -> str:
 
 def contains(pattern: str, flags: int, data: bytes) -> bool:
     return regex.search(pattern, text_of(data), flags) is not None
+
+
+def assert_agrees_on_prefixes(dfa, pattern, flags, data):
+    """A byte DFA says "match" after each prefix of ``data`` exactly when ``regex.search`` does."""
+    state = dfa.start
+    for i in range(len(data) + 1):
+        if i:
+            state = int(dfa.trans[state, data[i - 1]])
+        expected = regex.search(pattern, text_of(data[:i]), flags) is not None
+        assert bool(dfa.end_accept[state]) == expected, (pattern, data[:i], text_of(data[:i]))

@@ -20,18 +20,9 @@ from safedecode.errors import AutomatonTooLargeError
 from safedecode.policy import Policy, load_policy
 from safedecode.syntax import parse
 
-from .oracle import text_of
+from .oracle import assert_agrees_on_prefixes
 
 FOLDING = "aAbBiIİıkK\u212asSſßẞσςΣµΜμ\u0345ιΙéÉ 😀"
-
-
-def assert_agrees_on_prefixes(dfa, pattern, flags, data):
-    state = dfa.start
-    for i in range(len(data) + 1):
-        if i:
-            state = int(dfa.trans[state, data[i - 1]])
-        expected = regex.search(pattern, text_of(data[:i]), flags) is not None
-        assert bool(dfa.end_accept[state]) == expected, (pattern, data[:i], text_of(data[:i]))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

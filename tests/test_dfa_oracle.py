@@ -12,7 +12,7 @@ from safedecode.compiler import compile_nodes
 from safedecode.errors import PatternError
 from safedecode.syntax import parse
 
-from .oracle import text_of
+from .oracle import assert_agrees_on_prefixes
 
 CHARS = ["a", "b", "c", "A", "B", "é", "É", "ß", "ẞ", "i", "I", "İ", "ı", "σ", "ς", "Σ", "k", "K", "\u212a",
          " ", "\n", "_", "1", "٣", "-", ".", "€", "😀", "\u0301"]
@@ -51,15 +51,6 @@ def compiled(pattern, ignore_case=False):
     except PatternError:
         assume(False)
     return compile_nodes([node], max_states=20_000)
-
-
-def assert_agrees_on_prefixes(dfa, pattern, flags, data):
-    state = dfa.start
-    for i in range(len(data) + 1):
-        if i:
-            state = int(dfa.trans[state, data[i - 1]])
-        expected = regex.search(pattern, text_of(data[:i]), flags) is not None
-        assert bool(dfa.end_accept[state]) == expected, (pattern, data[:i], text_of(data[:i]))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

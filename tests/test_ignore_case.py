@@ -16,7 +16,7 @@ from safedecode.compiler import compile_nodes
 from safedecode.errors import PatternError
 from safedecode.syntax import parse
 
-from .oracle import text_of
+from .oracle import assert_agrees_on_prefixes
 
 # Characters whose case folding reaches across classes: Greek iota forms and U+0345, micro sign,
 # title-case digraphs, kra (no case variant), Kelvin sign, long s, dotted/dotless i, sharp s,
@@ -47,15 +47,6 @@ def patterns():
 
 def texts():
     return st.lists(st.sampled_from(TRICKY), max_size=8).map(lambda cs: "".join(cs).encode())
-
-
-def assert_agrees_on_prefixes(dfa, pattern, flags, data):
-    state = dfa.start
-    for i in range(len(data) + 1):
-        if i:
-            state = int(dfa.trans[state, data[i - 1]])
-        expected = regex.search(pattern, text_of(data[:i]), flags) is not None
-        assert bool(dfa.end_accept[state]) == expected, (pattern, data[:i], text_of(data[:i]))
 
 
 def compile_or_refusal(pattern):
