@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .compiler import SERVER_WORK_BUDGET
 from .errors import PolicyError
 from .policy import LiteralRule, Policy, named_policy, policy_from_mapping
 from .resources import suggest
@@ -46,7 +47,7 @@ class Limits:
     max_rules: int = 1000              # rules of all the request's policies together
     max_regexes: int = 64              # regex and block rules among them
     max_states: int = 10_000           # DFA states per rule and per component (checked while compiling)
-    work_budget: int = 1_000_000       # determinization work for the inline rules, ~1 µs a unit (idem);
+    work_budget: int = SERVER_WORK_BUDGET  # determinization work for the inline rules, ~1 µs a unit (idem);
                                        # the server default and named policies are trusted data
 
 
