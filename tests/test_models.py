@@ -167,9 +167,7 @@ def test_second_call_is_the_cached_directory(converted, monkeypatch):
     monkeypatch.delenv("SAFEDECODE_NO_CACHE", raising=False)
     monkeypatch.setattr(models, "_convert", pytest.fail)
     hits = models._sha256.cache_info().hits
-    t0 = time.perf_counter()
-    assert models.default_model_dir() == converted.dir
-    assert time.perf_counter() - t0 < 1
+    assert models.default_model_dir() == converted.dir  # no conversion: _convert would fail the test
     assert models._sha256.cache_info().hits > hits  # the GGUF is hashed once per process
 
 
