@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CUDA check of the vLLM plugin's device path (safedecode.device_mask); not part of `make test`.
+"""CUDA check of the vLLM plugin's device path (safedecode.engine.device_mask); not part of `make test`.
 
 1. A persistent-batch scenario (the stand-in of tests/test_vllm_plugin.py: adds, removals,
    condensing moves, swaps; guarded rows under several policies, unguarded rows, one adversarial
@@ -52,7 +52,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def scenario(tokenizer, steps=80, seed=0) -> dict:
-    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
+    from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
     from tests.test_vllm_plugin import PersistentBatch, Request
 
     rng = random.Random(seed)
@@ -95,10 +95,10 @@ def scenario(tokenizer, steps=80, seed=0) -> dict:
 
 
 def device_masks_vs_kernel(tokenizer, trials=40) -> dict:
-    from safedecode.compiled import compile_policy
-    from safedecode.device_mask import DeviceMasks, mask_rows
-    from safedecode.policy import load_policy as resolve_policy
-    from safedecode.kernels import unpack_tables
+    from safedecode.engine.compiled import compile_policy
+    from safedecode.engine.device_mask import DeviceMasks, mask_rows
+    from safedecode.policy.rules import load_policy as resolve_policy
+    from safedecode.engine.kernels import unpack_tables
 
     compiled = compile_policy(resolve_policy("secrets"), tokenizer)
     n_states = [len(t["byte_state"]) for t in unpack_tables(compiled.blob)]
@@ -133,7 +133,7 @@ def safe_logits_processor(tokenizer, steps=30) -> dict:
 
 
 def timing(tokenizer, repeats=50) -> dict:
-    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
+    from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
     from tests.test_vllm_plugin import BatchUpdate, SamplingParams
 
     text = tokenizer.encode("my key is sk-proj-4f9Qk2LmZx81NwTb and AKIA1234", add_special_tokens=False)

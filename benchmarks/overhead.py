@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 import safedecode  # noqa: E402
-import safedecode.compiled as sd_compiled  # noqa: E402
+import safedecode.engine.compiled as sd_compiled  # noqa: E402
 from tests.oracle import text_of  # noqa: E402 - DESIGN §1's text of a byte string, as the tests define it
 
 SEED = 20240607
@@ -452,7 +452,7 @@ def safedecode_compile(policy, tok, tmp_root: Path) -> tuple[object, dict]:
     # Write the disk cache without compiling twice (private helper; fall back to a second compile).
     disk = Path(tempfile.mkdtemp(prefix="sd-cache-", dir=tmp_root))
     try:
-        key = sd_compiled.cache_key(policy, sd_compiled._vocabulary_of(tok), sd_compiled.DEFAULT_MAX_STATES)
+        key = sd_compiled.cache_key(policy, sd_compiled.vocabulary_of(tok), sd_compiled.DEFAULT_MAX_STATES)
         sd_compiled._store(disk, key, compiled)
         info["cache_written_by"] = "_store"
     except Exception:  # noqa: BLE001
@@ -606,9 +606,9 @@ class PolicyOracle:
     def __init__(self, policy):
         self.literals, self.patterns = [], []
         for rule in policy.forbid:
-            if not isinstance(rule, (safedecode.policy.LiteralRule, safedecode.policy.RegexRule)):
+            if not isinstance(rule, (safedecode.policy.rules.LiteralRule, safedecode.policy.rules.RegexRule)):
                 raise TypeError(f"PolicyOracle handles literal and regex rules only, not {type(rule).__name__}")
-            if isinstance(rule, safedecode.policy.LiteralRule) and not rule.whole_word and not rule.ignore_case:
+            if isinstance(rule, safedecode.policy.rules.LiteralRule) and not rule.whole_word and not rule.ignore_case:
                 self.literals.append(rule.literal)
             else:
                 self.patterns.append(regex.compile(rule.pattern, rule.flags))
@@ -857,11 +857,11 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- warm-ups
     t0 = time.perf_counter()
     try:
-        from safedecode.vocabulary import vocabulary_from
+        from safedecode.tokens.vocabulary import vocabulary_of
 
-        vocab = vocabulary_from(tok)
+        vocab = vocabulary_of(tok)
     except Exception:  # noqa: BLE001
-        vocab = sd_compiled._vocabulary_of(tok)
+        vocab = sd_compiled.vocabulary_of(tok)
     results["safedecode_first_use"] = {"vocabulary_extraction_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     tiny = safedecode.compile_policy(safedecode.Policy(forbid=[{"literal": "zebra crossing"}]), tok, cache_dir=False)

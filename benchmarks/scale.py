@@ -87,7 +87,7 @@ def load_vocab(name: str, smol_tok):
     """(object to compile against, text tokenizer for the script/prompt, logits width, eos ids)."""
     if name == "smollm2":
         return smol_tok, smol_tok, len(smol_tok), [smol_tok.eos_token_id]
-    from safedecode.vocabulary import qwen_encoding, qwen_vocabulary
+    from safedecode.tokens.vocabulary import qwen_encoding, qwen_vocabulary
 
     version = name.removeprefix("qwen")
     vocab = qwen_vocabulary(version)

@@ -12,21 +12,35 @@ Public API (kept small and stable):
   (``Conversation.guard``), :class:`FromTrusted` — tool arguments limited to trusted values;
   :func:`load_chat_format` / :func:`detect_chat_format` — chat formats as data (``channels/``).
 """
-from .errors import (AutomatonTooLargeError, ChatFormatError, PatternError, PolicyError, SafeDecodeError,
-                     VocabularyError)
-from .policy import Policy, Violation, available_policies, find_violations, load_policy
+from .errors import (
+    AutomatonTooLargeError,
+    ChatFormatError,
+    PatternError,
+    PolicyError,
+    SafeDecodeError,
+    VocabularyError,
+)
+from .policy.rules import (
+    Policy,
+    Violation,
+    available_policies,
+    find_violations,
+    load_policy,
+)
 
 __version__ = "0.1.0"
 
 # The engine pulls in numba, and the adapters torch and transformers: import them on first use so
 # that policy tools (`safedecode check`, loading and validating policies) start in a blink.
 _LAZY = {
-    "CompiledPolicy": "compiled", "compile_policy": "compiled",
-    "SafeLogitsProcessor": "processor",
-    "generate": "generation", "GenerationResult": "generation",
-    "Conversation": "conversation", "Encoded": "conversation", "ContentRejected": "conversation",
-    "FromTrusted": "tools", "ToolCallError": "tools",
-    "ChatFormat": "chat_format", "load_chat_format": "chat_format", "detect_chat_format": "chat_format",
+    "CompiledPolicy": "engine.compiled", "compile_policy": "engine.compiled",
+    "SafeLogitsProcessor": "adapters.processor",
+    "generate": "adapters.generation", "GenerationResult": "adapters.generation",
+    "Conversation": "channels.conversation", "Encoded": "channels.conversation",
+    "ContentRejected": "channels.conversation",
+    "FromTrusted": "channels.tools", "ToolCallError": "channels.tools",
+    "ChatFormat": "channels.chat_format", "load_chat_format": "channels.chat_format",
+    "detect_chat_format": "channels.chat_format",
 }
 
 

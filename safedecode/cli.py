@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from . import __version__  # noqa: E402
-from .compiler import DEFAULT_MAX_STATES  # noqa: E402
 from .errors import MissingDependencyError, SafeDecodeError  # noqa: E402
-from .policy import available_policies, find_violations, load_policy  # noqa: E402
+from .policy.automaton import DEFAULT_MAX_STATES  # noqa: E402
+from .policy.rules import available_policies, find_violations, load_policy  # noqa: E402
 
 POLICY_HELP = "policy name (see `safedecode policies`) or path to a TOML file"
 TOKENIZER_HELP = "default (the embedded SmolLM2) | qwen2.5 | qwen3.6 | a local HF tokenizer directory"
@@ -32,7 +32,7 @@ def _tokenizer(name: str):
 
         return load_default_tokenizer()
     if name in ("qwen2.5", "qwen3.6"):
-        from .vocabulary import qwen_vocabulary
+        from .tokens.vocabulary import qwen_vocabulary
 
         return qwen_vocabulary(name[len("qwen"):])
     path = Path(name)
@@ -49,7 +49,7 @@ def _tokenizer(name: str):
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate
+    from .adapters.generation import generate
     from .models import load_default_model
 
     policy = load_policy(args.policy)
@@ -96,7 +96,7 @@ def cmd_policies(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compiled import compile_policy
+    from .engine.compiled import compile_policy
 
     policy = load_policy(args.policy)
     tokenizer = _tokenizer(args.tokenizer)
@@ -124,7 +124,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import VerificationFailed, verify
+    from .engine.verify import VerificationFailed, verify
 
     policy = load_policy(args.policy)
     tokenizer = _tokenizer(args.tokenizer)

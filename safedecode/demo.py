@@ -10,8 +10,8 @@ import shutil
 import textwrap
 import time
 
-from .generation import generate
-from .policy import Policy, find_violations, load_policy
+from .adapters.generation import generate
+from .policy.rules import Policy, find_violations, load_policy
 
 # (what it shows, prompt, policy: a shipped policy name or inline rules)
 CASES = [
@@ -43,7 +43,7 @@ def _injection_case(model, tokenizer, max_new_tokens: int) -> tuple[str, str, Po
     the conversation's guard (no allowed hosts); returns both texts and the guard's rules."""
     import torch
 
-    from .conversation import Conversation
+    from .channels.conversation import Conversation
 
     conversation = (Conversation(tokenizer).system(INJECTION["system"]).user(INJECTION["user"])
                     .content(INJECTION["page"], source="web"))

@@ -126,6 +126,6 @@ def sentencepiece_tokenizer():
 
 @pytest.fixture(scope="session")
 def qwen_encoding():
-    from safedecode.vocabulary import qwen_encoding as _qwen_encoding
+    from safedecode.tokens.vocabulary import qwen_encoding as _qwen_encoding
 
     return _qwen_encoding("2.5")

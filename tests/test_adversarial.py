@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from safedecode import Policy, SafeLogitsProcessor, load_policy
-from safedecode.compiled import _vocabulary_of
+from safedecode.tokens.vocabulary import vocabulary_of
 
 from .oracle import contains, text_of
 
@@ -86,7 +86,7 @@ def drive(tokenizer, steps=60, seed=0, check_sample=1500, policy=POLICY, targets
     exactness, is checked for a candidate text).
     """
     rng = random.Random(seed)
-    vocab = processor.compiled.vocabulary if processor is not None else _vocabulary_of(tokenizer)
+    vocab = processor.compiled.vocabulary if processor is not None else vocabulary_of(tokenizer)
     processor = processor or SafeLogitsProcessor(policy, tokenizer)
     violation = violation or (lambda data: violates(data, policy))
     eos_masked = eos_masked or (lambda data: False)
@@ -133,7 +133,7 @@ def drive(tokenizer, steps=60, seed=0, check_sample=1500, policy=POLICY, targets
 
 @pytest.fixture(scope="module")
 def qwen_vocabulary():
-    from safedecode.vocabulary import qwen_vocabulary
+    from safedecode.tokens.vocabulary import qwen_vocabulary
 
     return qwen_vocabulary("2.5")
 
@@ -166,7 +166,7 @@ def test_adversary_against_a_multi_component_policy(smollm2_tokenizer):
 def test_tokenizer_decode_agrees_with_guarded_bytes(smollm2_tokenizer):
     """The text the guarantee is about is what the tokenizer itself decodes (valid UTF-8 case)."""
     _, generated, _ = drive(smollm2_tokenizer, steps=30, seed=7, check_sample=200)
-    vocab = _vocabulary_of(smollm2_tokenizer)
+    vocab = vocabulary_of(smollm2_tokenizer)
     data = b"".join(vocab.token_bytes[i] or b"" for i in generated)
     try:
         expected = data.decode("utf-8")

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedecode import wire
+from safedecode.adapters import wire
 from safedecode.cli import main
 from safedecode.errors import SafeDecodeError
-from safedecode.policy import policy_from_mapping
+from safedecode.policy.rules import policy_from_mapping
 
 GOOD = '[[forbid]]\nid = "pw"\nliteral = "hunter2"\n'
 

@@ -1,7 +1,7 @@
 """Block rules (a positive grammar after an opening tag) against the ``regex`` partial-match oracle.
 
 For random texts built from the grammar's own pieces, the composite byte DFA must say "MATCH
-reached" exactly when the oracle (:func:`safedecode.policy.find_violations`, which decides the
+reached" exactly when the oracle (:func:`safedecode.policy.rules.find_violations`, which decides the
 block language with ``regex`` full and partial matching) reports a violation at some prefix, and
 its ``eos_blocked`` flag must hold exactly when a block is left unfinished.
 """
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from safedecode import Policy, find_violations
-from safedecode.compiler import compile_components
-from safedecode.policy import open_block
+from safedecode.policy.automaton import compile_components
+from safedecode.policy.rules import open_block
 
 from .oracle import text_of
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from safedecode import Policy, SafeLogitsProcessor, compile_policy
-from safedecode import compiled as compiled_module
+from safedecode.engine import compiled as compiled_module
 
 POLICY = Policy(forbid=[{"literal": "cache me"}, {"regex": r"x\d{3}"}])
 

@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from safedecode.chat_format import (
+from safedecode.channels.chat_format import (
     ROLES, ChatFormat, available_chat_formats, chat_format_from_mapping,
     detect_chat_format, load_chat_format,
 )

@@ -1,10 +1,10 @@
 """Compile time is bounded by a work budget, and case-insensitive literals compile in near-linear time.
 
 * ``ignore_case`` literals (and other plain sequences of character sets) take the bit-parallel
-  fast path (:func:`safedecode.aho_corasick.sequence_dfa`), which must mean exactly what the
+  fast path (:func:`safedecode.automata.aho_corasick.sequence_dfa`), which must mean exactly what the
   general subset construction means — and what ``regex.search`` says;
 * work is counted in deterministic units, so "near-linear" is tested on units, never on time;
-* a :class:`~safedecode.compiler.Budget` over its limit refuses with an error naming the rule.
+* a :class:`~safedecode.policy.automaton.Budget` over its limit refuses with an error naming the rule.
 """
 import random
 
@@ -14,11 +14,11 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedecode.compiler import (DEFAULT_WORK_BUDGET, SERVER_WORK_BUDGET, Budget, BudgetExceededError,
+from safedecode.policy.automaton import (DEFAULT_WORK_BUDGET, SERVER_WORK_BUDGET, Budget, BudgetExceededError,
                                  compile_components, compile_nodes, compile_policy_dfa)
 from safedecode.errors import AutomatonTooLargeError
-from safedecode.policy import Policy, load_policy
-from safedecode.syntax import parse
+from safedecode.policy.rules import Policy, load_policy
+from safedecode.automata.syntax import parse
 
 from .oracle import assert_agrees_on_prefixes
 
@@ -120,7 +120,7 @@ def test_shipped_policies_fit_the_default_budget(name):
 @given(sets=st.lists(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), max_size=4), min_size=1, max_size=8))
 def test_the_sweep_partition_equals_the_matrix_partition(sets):
     """Many distinct sets (long literals of many scripts) take a sweep; it must partition alike."""
-    from safedecode import charsets
+    from safedecode.automata import charsets
     ranges = [charsets.normalize((lo, lo + width) for lo, width in s) for s in sets]
     cuts = sorted({0, charsets.MAX_CODE_POINT + 1} | {x for r in ranges for lo, hi in r for x in (lo, hi + 1)})
     starts = np.array(cuts[:-1], dtype=np.int64)

@@ -7,7 +7,7 @@ verdict on SmolLM2 tokens must both agree with them.
 import pytest
 
 from safedecode import Policy, PolicyError, compile_policy, find_violations
-from safedecode.exfil import exfiltration_rules
+from safedecode.channels.exfil import exfiltration_rules
 
 HOSTS = ("docs.acme.com", "acme.com", "www.wikipedia.org")
 CASES = [

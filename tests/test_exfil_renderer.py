@@ -28,7 +28,7 @@ import markdown_it
 import pytest
 
 from safedecode import Policy, compile_policy, find_violations
-from safedecode.exfil import exfiltration_rules
+from safedecode.channels.exfil import exfiltration_rules
 
 ALLOWED = ("docs.acme.com", "acme.com", "www.wikipedia.org")
 SPECIAL = {"http", "https", "ftp", "ws", "wss"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from safedecode.policy import Policy, find_violations, load_policy
+from safedecode.policy.rules import Policy, find_violations, load_policy
 
 GRAMMARS = Path(__file__).resolve().parent.parent / "grammars"
 POLICY_FILES = sorted(GRAMMARS.glob("*.toml"))
@@ -87,14 +87,14 @@ def test_policy_accepts_ordinary_text(path):
 
 
 def test_exfil_policy_is_the_no_host_link_rules():
-    from safedecode.exfil import exfiltration_rules
+    from safedecode.channels.exfil import exfiltration_rules
 
     rules = [rule.model_dump(exclude_defaults=True) for rule in policy("exfil.toml").forbid]
     assert rules == exfiltration_rules(())
 
 
 def test_control_token_policy_covers_every_shipped_chat_format():
-    from safedecode.chat_format import available_chat_formats, load_chat_format
+    from safedecode.channels.chat_format import available_chat_formats, load_chat_format
 
     literals = {rule.literal for rule in policy("control-tokens.toml").forbid}
     expected = {t for name in available_chat_formats() for t in load_chat_format(name).control_tokens}

@@ -24,7 +24,7 @@ import regex
 from pydantic import BaseModel, Field
 
 import safedecode
-from safedecode.policy import find_violations, open_block
+from safedecode.policy.rules import find_violations, open_block
 
 from .oracle import _incomplete_tail, text_of
 from .test_adversarial import drive
@@ -88,7 +88,7 @@ def calls_ok(text: str, trusted: str) -> bool:
 def fast_oracle(policy):
     """``find_violations`` as one ``regex`` alternation per flag set (the same union of patterns,
     compiled once) plus the block rules' partial-match scan: fast enough to judge every candidate."""
-    from safedecode.policy import BlockRule
+    from safedecode.policy.rules import BlockRule
 
     by_flags = {}
     for rule in policy.forbid:
@@ -206,7 +206,7 @@ def test_policy_rules_reach_escaped_spellings_only_when_calls_are_possible(smoll
     spelling (``\\"``, ``\\\\``), so it applies to decoded argument values; it applies to the whole
     output, so the escaped spelling is refused outside a call too (documented over-blocking). Without
     tools (or with ``tool_choice="none"``) no companion is added: nothing changes for plain text."""
-    from safedecode.guard import static_policy
+    from safedecode.channels.guard import static_policy
 
     policy = safedecode.Policy(forbid=[{"literal": 'say "hi"', "id": "hi"}, {"literal": "plain", "id": "plain"}])
     conv = conversation(smollm2_tokenizer)

@@ -12,9 +12,9 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedecode.compiler import compile_nodes
+from safedecode.policy.automaton import compile_nodes
 from safedecode.errors import PatternError
-from safedecode.syntax import parse
+from safedecode.automata.syntax import parse
 
 from .oracle import assert_agrees_on_prefixes
 

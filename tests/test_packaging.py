@@ -123,7 +123,7 @@ conversation.encode()
 print(json.dumps({"file": safedecode.__file__, "rules": len(policy.forbid),
                   "same": safedecode.load_policy("secrets.toml") == policy,
                   "format": conversation.format.name,
-                  "policies": sorted(safedecode.policy.available_policies())}))
+                  "policies": sorted(safedecode.policy.rules.available_policies())}))
 """
     result = json.loads(_run([python, "-c", script], cwd=work, env=env).stdout.strip().splitlines()[-1])
     assert not result["file"].startswith(str(REPO)), result["file"]  # the wheel's copy, not the checkout

@@ -3,7 +3,7 @@ import pytest
 import regex
 
 from safedecode import AutomatonTooLargeError, PatternError, Policy, PolicyError, find_violations, load_policy
-from safedecode.compiler import compile_components, compile_policy_dfa
+from safedecode.policy.automaton import compile_components, compile_policy_dfa
 
 
 def write(tmp_path, text, name="policy.toml"):

@@ -20,14 +20,14 @@ import openai
 import pytest
 
 from safedecode import Conversation, Policy, PolicyError, find_violations, load_policy
-from safedecode.server.engine import TextTracker
-from safedecode.wire import REQUEST_LIMITS, PolicyTooLarge
-from safedecode.wire import parse as resolve
+from safedecode.server.worker import TextTracker
+from safedecode.adapters.wire import REQUEST_LIMITS, PolicyTooLarge
+from safedecode.adapters.wire import parse as resolve
 from safedecode.server.process import running_server
 from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
 
 MAX_POLICY_RULES = REQUEST_LIMITS.max_rules
-from safedecode.server.tools import ToolError, tool_models
+from safedecode.server.tool_models import ToolError, tool_models
 
 MODEL = "SmolLM2-135M-Instruct"
 PASSWORD = {"forbid": [{"literal": "hunter2", "id": "pw"}]}

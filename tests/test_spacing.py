@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import safedecode
 from safedecode import SafeLogitsProcessor
-from safedecode.policy import Policy, find_violations, load_policy
-from safedecode.variants import (
+from safedecode.policy.rules import Policy, find_violations, load_policy
+from safedecode.policy.variants import (
     LETTERS,
     SEPARATOR,
     letters,
@@ -183,7 +183,7 @@ def test_narrowed_separators():
 
 
 def test_generated_patterns_stay_in_the_supported_syntax():
-    from safedecode.syntax import parse
+    from safedecode.automata.syntax import parse
 
     for variants in [("spacing",), ("spacing", "leet"), ("case", "confusables", "spacing", "leet", "encodings")]:
         for word in ["damn", "I'm", "a b", "café", "бомба", "日本", "x"]:

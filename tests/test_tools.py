@@ -26,10 +26,10 @@ from hypothesis import given, settings, strategies as st
 from pydantic import BaseModel, Field
 
 import safedecode
-from safedecode.compiled import compile_policy
-from safedecode.guard import guard_vocabulary, static_policy
-from safedecode.policy import Policy, find_violations
-from safedecode.tools import (FromTrusted, ToolCallError, ToolError, arguments_schema, escaped_spelling_rules,
+from safedecode.engine.compiled import compile_policy
+from safedecode.channels.guard import guard_vocabulary, static_policy
+from safedecode.policy.rules import Policy, find_violations
+from safedecode.channels.tools import (FromTrusted, ToolCallError, ToolError, arguments_schema, escaped_spelling_rules,
                               json_spelling, parse_tool_calls, tool_call_regex)
 
 EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}"
@@ -179,7 +179,7 @@ def test_parse_tool_calls_checks_from_trusted_at_any_depth():
 
 def test_server_tools_with_from_trusted_in_nested_objects_and_arrays():
     from safedecode.server.schemas import ToolDef
-    from safedecode.server.tools import tool_models
+    from safedecode.server.tool_models import tool_models
 
     params = {"type": "object", "required": ["to"], "properties": {
         "to": {"type": "object", "required": ["addr"], "properties": {
@@ -365,14 +365,14 @@ def test_guard_blocks_every_escaped_spelling_inside_calls(guard):
 def test_old_rules_let_the_same_driver_write_escaped_violations(smollm2_tokenizer):
     """Without the fix (outlines' escapes \\" \\\\ \\/ \\b \\f \\n \\r \\t allowed, no companion rules)
     the driver completes calls whose decoded values violate the policy: the test above can fail."""
-    import safedecode.tools as tools
+    import safedecode.channels.tools as tools
 
     conv = _conversation(smollm2_tokenizer)
     conv.encode([write_note])
     old_allowed, old_companions = tools._ALLOWED_ESCAPES, tools.escaped_spelling_rules
     tools._ALLOWED_ESCAPES = tools._OUTLINES_ESCAPES
     try:
-        import safedecode.guard as guard_module
+        import safedecode.channels.guard as guard_module
 
         guard_module.escaped_spelling_rules = lambda policy: []
         policy = static_policy(conv, POLICY, [write_note], (), "auto")
@@ -416,7 +416,7 @@ def test_benign_escapes_still_pass(guard):
 def test_the_depth_checks_can_fail(monkeypatch):
     """With markers ignored below the top level (the old behaviour: the marked schema left a plain
     string) the same enumeration accepts the untrusted address at every nested position."""
-    import safedecode.tools as tools
+    import safedecode.channels.tools as tools
 
     def ignore(self, schema, path):
         schema = {k: v for k, v in schema.items() if k not in (tools.TRUSTED_KEY, tools._TRUSTED_CASE_KEY)}

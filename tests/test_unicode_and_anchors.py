@@ -7,7 +7,7 @@ next token is masked iff the ``regex`` oracle finds a match in the text it would
 import pytest
 
 from safedecode import Policy, compile_policy
-from safedecode.compiled import _vocabulary_of
+from safedecode.tokens.vocabulary import vocabulary_of
 
 from .oracle import contains, text_of
 
@@ -78,7 +78,7 @@ CASES = [
 def test_exact_on_every_tokenization(smollm2_tokenizer, rules, texts):
     policy = Policy(forbid=rules)
     compiled = compile_policy(policy, smollm2_tokenizer)
-    vocab = _vocabulary_of(smollm2_tokenizer)
+    vocab = vocabulary_of(smollm2_tokenizer)
     for text in texts:
         for ids in tokenizations(smollm2_tokenizer, vocab, text.encode()):
             assert_exact_along(compiled, policy, vocab, ids)
@@ -89,7 +89,7 @@ def test_multibyte_character_split_across_tokens(family, request):
     tokenizer = request.getfixturevalue(family)
     policy = Policy(forbid=[{"literal": "é"}])
     compiled = compile_policy(policy, tokenizer)
-    vocab = _vocabulary_of(tokenizer)
+    vocab = vocabulary_of(tokenizer)
     singles = byte_tokens(vocab)
     lead, tail = singles[0xC3], singles[0xA9]
     assert lead not in compiled.forbidden_ids(compiled.start_state), "an incomplete character is not text yet"
@@ -103,7 +103,7 @@ def test_invalid_bytes_read_as_replacement_character(family, request):
     tokenizer = request.getfixturevalue(family)
     policy = Policy(forbid=[{"regex": r"x\ufffd"}])
     compiled = compile_policy(policy, tokenizer)
-    vocab = _vocabulary_of(tokenizer)
+    vocab = vocabulary_of(tokenizer)
     singles = byte_tokens(vocab)
     for tail in [b"\xff", b"\x80", b"\xc0", b"\xe2\x82a", b"\xed\xa0\x80", b"\xf0\x9f\x98", b"\xe2\x82\xac"]:
         if not all(b in singles for b in tail):
@@ -120,7 +120,7 @@ def test_word_boundary_literal_at_end_of_text(smollm2_tokenizer):
     """``whole_word`` sees the end of the current text as a boundary (prefix-safety)."""
     policy = Policy(forbid=[{"literal": "ass", "whole_word": True}])
     compiled = compile_policy(policy, smollm2_tokenizer)
-    vocab = _vocabulary_of(smollm2_tokenizer)
+    vocab = vocabulary_of(smollm2_tokenizer)
     for text in ["ass", "classic", "an ass.", "assassin", "pass"]:
         for ids in tokenizations(smollm2_tokenizer, vocab, text.encode()):
             assert_exact_along(compiled, policy, vocab, ids)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import safedecode
 from safedecode.errors import PolicyError
-from safedecode.policy import (
+from safedecode.policy.rules import (
     LiteralRule,
     Policy,
     RegexRule,
@@ -21,8 +21,8 @@ from safedecode.policy import (
     load_policy,
     policy_from_mapping,
 )
-from safedecode.syntax import parse
-from safedecode.variants import (
+from safedecode.automata.syntax import parse
+from safedecode.policy.variants import (
     SEPARATOR,
     VARIANTS,
     _Emitter,

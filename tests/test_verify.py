@@ -6,7 +6,7 @@ import pytest
 
 from safedecode import Policy, compile_policy, load_policy
 from safedecode.cli import main
-from safedecode.verify import VerificationFailed, verify
+from safedecode.engine.verify import VerificationFailed, verify
 
 GRAMMARS = sorted((Path(__file__).resolve().parent.parent / "grammars").glob("*.toml"))
 

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from safedecode.compiled import combine, compile_policy
-from safedecode.device_mask import DeviceMasks, mask_rows
-from safedecode.integrations import request_policy
-from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
-from safedecode.policy import load_policy
-from safedecode.kernels import unpack_tables
+from safedecode.engine.compiled import combine, compile_policy
+from safedecode.engine.device_mask import DeviceMasks, mask_rows
+from safedecode.adapters.options import request_policy
+from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
+from safedecode.policy.rules import load_policy
+from safedecode.engine.kernels import unpack_tables
 
 # --- stand-in of vllm.v1.sample.logits_processor.interface ---------------------------------------
 
@@ -372,7 +372,7 @@ def test_device_masks_equal_the_kernel_for_random_states(tokenizer):
 def test_safe_logits_processor_device_branch_equals_the_cpu_kernel(tokenizer):
     """SafeLogitsProcessor on logits the kernel cannot view (here: strided CPU) masks through its
     fallback path; the masks must equal the in-place kernel's."""
-    from safedecode.processor import SafeLogitsProcessor
+    from safedecode.adapters.processor import SafeLogitsProcessor
 
     compiled = compile_policy(resolve_policy(INLINE), tokenizer)
     fast, device = SafeLogitsProcessor(compiled), SafeLogitsProcessor(compiled)

@@ -15,8 +15,8 @@ import unicodedata
 import pytest
 
 from safedecode.errors import VocabularyError
-from safedecode.vocabulary import Vocabulary, qwen_vocabulary, vocabulary_from
-from safedecode.vocabulary import qwen_encoding as make_qwen_encoding
+from safedecode.tokens.vocabulary import Vocabulary, qwen_vocabulary, vocabulary_of
+from safedecode.tokens.vocabulary import qwen_encoding as make_qwen_encoding
 
 N_SEQUENCES = 400
 
@@ -56,7 +56,7 @@ def non_ascii_ids(vocab: Vocabulary) -> list[int]:
 
 @pytest.fixture(scope="module")
 def smol_vocab(smollm2_tokenizer):
-    return vocabulary_from(smollm2_tokenizer)
+    return vocabulary_of(smollm2_tokenizer)
 
 
 def smol_decode(tok, ids):
@@ -107,7 +107,7 @@ def test_byte_level_added_tokens_match_decode(smollm2_tokenizer):
     t.add_tokens([AddedToken("hello world", normalized=False), AddedToken("é", normalized=False),
                   AddedToken("Ġfoo", normalized=False), AddedToken("é x", normalized=False)])
     t.add_special_tokens([AddedToken("<|my_special|>", special=True)])
-    v = vocabulary_from(t)
+    v = vocabulary_of(t)
     ids = {s: t.token_to_id(s) for s in ["hello world", "é", "Ġfoo", "é x", "<|my_special|>"]}
     assert v.token_bytes[ids["hello world"]] == b"hello world"
     assert v.token_bytes[ids["é"]] == b"\xe9"
@@ -133,7 +133,7 @@ def test_default_model_answers(smollm2_model):
     import torch
 
     model, tok = smollm2_model
-    assert model.config.vocab_size == vocabulary_from(tok).size
+    assert model.config.vocab_size == vocabulary_of(tok).size
     enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_default_model_answers(smollm2_model):
 
 @pytest.fixture(scope="module")
 def sp_vocab(sentencepiece_tokenizer):
-    return vocabulary_from(sentencepiece_tokenizer)
+    return vocabulary_of(sentencepiece_tokenizer)
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
@@ -241,7 +241,7 @@ def test_qwen25_table(qwen_encoding):
     assert v.special_ids == set(range(151643, 151665))
     assert all(v.token_bytes[i] is None for i in v.special_ids)
     assert all(b is not None for b in v.token_bytes[:151643])
-    assert vocabulary_from(qwen_encoding).digest() == v.digest()
+    assert vocabulary_of(qwen_encoding).digest() == v.digest()
 
 
 def test_qwen25_random_sequences_match_decode(qwen_encoding):
@@ -275,7 +275,7 @@ def test_qwen36_loads():
 
 def test_digest_stable_and_distinct(smol_vocab, sp_vocab, smollm2_tokenizer):
     q = qwen_vocabulary("2.5")
-    assert smol_vocab.digest() == smol_vocab.digest() == vocabulary_from(smollm2_tokenizer).digest()
+    assert smol_vocab.digest() == smol_vocab.digest() == vocabulary_of(smollm2_tokenizer).digest()
     assert len({smol_vocab.digest(), sp_vocab.digest(), q.digest(), qwen_vocabulary("3.6").digest()}) == 4
     base = Vocabulary((b"a", b"b", None), frozenset({2}), frozenset({2}), "custom")
     same = Vocabulary((b"a", b"b", None), frozenset({2}), frozenset({2}), "custom", name="other name")
@@ -289,12 +289,12 @@ def test_digest_stable_and_distinct(smol_vocab, sp_vocab, smollm2_tokenizer):
         Vocabulary((b"a", b"b", None), frozenset({2}), frozenset({2}), "tiktoken"),
     ]
     assert len({base.digest()} | {x.digest() for x in variants}) == 1 + len(variants)
-    assert vocabulary_from(base) is base
+    assert vocabulary_of(base) is base
 
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(VocabularyError, match=r"cannot build a vocabulary from builtins\.int.*expected"):
-        vocabulary_from(42)
+        vocabulary_of(42)
     with pytest.raises(VocabularyError, match="token_bytes\\[1\\]"):
         Vocabulary((b"a", b"b"), frozenset({1}), frozenset({1}), "custom")
     with pytest.raises(VocabularyError, match="outside range"):
@@ -311,10 +311,10 @@ def test_unknown_decoder_is_refused():
     t = Tokenizer(models.WordPiece({"[UNK]": 0, "hello": 1, "##s": 2}, unk_token="[UNK]"))
     t.decoder = decoders.WordPiece()
     with pytest.raises(VocabularyError, match="WordPiece"):
-        vocabulary_from(t)
+        vocabulary_of(t)
     t.decoder = None
     with pytest.raises(VocabularyError, match="cannot tell the tokenizer family"):
-        vocabulary_from(t)
+        vocabulary_of(t)
 
 
 def test_metaspace_decoder_family(sentencepiece_tokenizer, sp_vocab):
@@ -329,7 +329,7 @@ def test_metaspace_decoder_family(sentencepiece_tokenizer, sp_vocab):
         {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True},
         {"type": "ByteFallback"}, {"type": "Fuse"}]}
     t = Tokenizer.from_str(json.dumps(spec))
-    v = vocabulary_from(t)
+    v = vocabulary_of(t)
     assert v.family == "sentencepiece" and v.token_bytes == sp_vocab.token_bytes
     first = t.token_to_id("a")
     rng = random.Random(5)

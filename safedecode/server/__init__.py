@@ -1,13 +1,14 @@
-"""``safedecode serve``: an OpenAI-compatible HTTP server whose every answer is guarded.
+"""Stage 6 — ``safedecode serve``: an OpenAI-compatible HTTP server whose every answer is guarded.
 
 Modules (each small, one job):
 
 * :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits; per-request
-  options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.wire`;
-* :mod:`.tools`    — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
-* :mod:`.engine`   — the generation worker: one model, one generation at a time, streaming and
+  options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.adapters.wire`;
+* :mod:`.tool_models` — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
+* :mod:`.worker`   — the generation worker: one model, one generation at a time, streaming and
   cancellation, and the text that may be streamed;
 * :mod:`.app`      — the FastAPI application (endpoints, errors, server-sent events) and :func:`serve`.
 
-FastAPI and uvicorn are imported only here, so the library itself does not need them.
+FastAPI and uvicorn are imported only here, so the library itself does not need them. May import
+every stage's public nouns; nothing below imports the server.
 """

@@ -9,7 +9,7 @@ trusted, messages marked untrusted and every ``tool`` message go into the conten
 result with source ``tool:<name>``), and the answer is generated under
 ``Conversation.guard(policy, tools, allow_hosts, tool_choice)``. A completion request (a raw
 prompt) is generated under the policy alone. The policy is the server's ``--policy`` plus whatever
-the request adds (:mod:`safedecode.wire`, the one wire format).
+the request adds (:mod:`safedecode.adapters.wire`, the one wire format).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): a bad request or
 policy → 400 with safedecode's own message, an unknown model → 404, a body over
@@ -34,16 +34,24 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from ..conversation import Conversation
+from ..adapters.wire import REQUEST_LIMITS, PolicyTooLarge, RequestOptions
+from ..adapters.wire import parse as parse_options
+from ..channels.conversation import Conversation
+from ..channels.tools import ToolCallError, declare_tools, parse_tool_calls
 from ..errors import AutomatonTooLargeError, SafeDecodeError
-from ..policy import Policy
-from ..tools import ToolCallError, declare_tools, parse_tool_calls
-from ..wire import REQUEST_LIMITS, PolicyTooLarge, RequestOptions
-from ..wire import parse as parse_options
-from .engine import Busy, Engine, Job, Outcome, TextTracker
-from .schemas import (DEFAULT_CHAT_TOKENS, DEFAULT_COMPLETION_TOKENS, MAX_BODY_BYTES, MAX_QUEUE, MAX_TOKENS_LIMIT,
-                      ChatMessage, ChatRequest, CompletionRequest)
-from .tools import call_json, tool_models
+from ..policy.rules import Policy
+from .schemas import (
+    DEFAULT_CHAT_TOKENS,
+    DEFAULT_COMPLETION_TOKENS,
+    MAX_BODY_BYTES,
+    MAX_QUEUE,
+    MAX_TOKENS_LIMIT,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+)
+from .tool_models import call_json, tool_models
+from .worker import Busy, Engine, Job, Outcome, TextTracker
 
 
 class ApiError(Exception):
@@ -127,7 +135,7 @@ class Server:
     """The application's state: the engine, the model's chat format and the default policy."""
 
     def __init__(self, engine: Engine, model_name: str, default_policy: Optional[Policy] = None):
-        from ..chat_format import detect_chat_format
+        from ..channels.chat_format import detect_chat_format
 
         self.engine, self.model_name, self.default_policy = engine, model_name, default_policy
         self.created = int(time.time())
@@ -156,8 +164,8 @@ class Server:
                    stream=body.stream)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
-        from ..compiled import _vocabulary_of, compile_parts
-        from ..processor import SafeLogitsProcessor
+        from ..adapters.processor import SafeLogitsProcessor
+        from ..engine.compiled import compile_parts, vocabulary_of
 
         options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
         if options.channel_options:
@@ -172,7 +180,7 @@ class Server:
         guarded = compiled is not None
         processor = SafeLogitsProcessor(compiled, **options.telemetry_options()) if guarded \
             else None
-        vocabulary = processor.compiled.vocabulary if processor else _vocabulary_of(tokenizer)
+        vocabulary = processor.compiled.vocabulary if processor else vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
         return Prepared(self._job(body, ids, processor, tracker, max_tokens), "completion", {})
 
@@ -405,8 +413,8 @@ def serve(model: str = "default", policy=None, host: str = "127.0.0.1", port: in
     require("uvicorn", "server", "safedecode serve")
     import uvicorn
 
-    from ..policy import load_policy
-    from .engine import load_model
+    from ..policy.rules import load_policy
+    from .worker import load_model
 
     default_policy = load_policy(policy) if policy else None  # a name or a path (the one resolver)
     model_obj, tokenizer, name = load_model(model)

@@ -1,0 +1,173 @@
+"""The output guard of a :class:`~safedecode.channels.conversation.Conversation`: one logits processor.
+
+``Conversation.guard(...)`` compiles, with the same engine and the same exactness, the product of:
+
+  * **control tokens**: every special id except EOS and end-of-turn is masked in every state, and
+    their text (``<|im_start|>`` written with ordinary tokens) is a forbidden phrase, as are the
+    tool-result tags (the output cannot fake a tool response);
+  * **delimiters and nonce**: the content delimiter markers (any case and spacing, and near misses
+    such as ``<<untrustable``) and the request's nonce (any case);
+  * **system-prompt leaks**: every ``leak_window``-character span of the system text (so no span of
+    that length or more can be copied verbatim); default :data:`DEFAULT_LEAK_WINDOW`;
+  * **links**: URLs, markdown links/images and autolinks only to ``allow_hosts``
+    (:mod:`safedecode.channels.exfil`);
+  * **tool calls**: with ``tools``, a call must name a declared tool with schema-valid arguments
+    (:mod:`safedecode.channels.tools`, a block rule); without tools the tool-call tag itself is forbidden;
+    ``tool_choice="required"`` makes the output one or more calls and nothing else, ``"none"``
+    forbids calls;
+  * everything the user's ``policy`` forbids.
+
+The request-independent rules form one policy that is compiled once and cached (memory and
+disk); the nonce and the system-prompt spans form a small per-request policy. The two run side by
+side (:func:`safedecode.engine.compiled.combine`).
+
+Why 24 characters: long enough that common phrasing shared with a system prompt ("you are a
+helpful assistant" has 27 characters, but an answer rarely repeats it whole) passes, short enough
+that any sentence-length copy — or a secret of 24+ characters — cannot leave. Lower it for prompts
+holding short secrets (a 10-character password needs ``leak_window <= 10``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+import regex
+
+from ..adapters.processor import SafeLogitsProcessor
+from ..automata.negation import departure_regex
+from ..engine.compiled import combine, compile_policy, vocabulary_of
+from ..errors import PolicyError
+from ..policy.automaton import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET
+from ..policy.rules import Policy
+from .exfil import exfiltration_rules
+from .tools import ToolError, declare_tools, escaped_spelling_rules, tool_call_regex
+
+DEFAULT_LEAK_WINDOW = 24
+TOOL_CHOICES = ("auto", "required", "none")
+
+
+def guard_vocabulary(conversation):
+    """The tokenizer's vocabulary with the format's end-of-turn token counted as EOS."""
+    vocabulary = vocabulary_of(conversation.tokenizer)
+    end_of_turn = conversation.tokenizer.convert_tokens_to_ids(conversation.format.end_of_turn)
+    if not isinstance(end_of_turn, int) or end_of_turn in vocabulary.eos_ids or end_of_turn >= vocabulary.size:
+        return vocabulary
+    return dataclasses.replace(vocabulary, eos_ids=vocabulary.eos_ids | {end_of_turn})
+
+
+def channel_policy(conversation, tools, allow_hosts: Iterable[str], tool_choice: str) -> Policy:
+    """The channel rules: control tokens and their text, delimiters, links, tool calls (cacheable)."""
+    fmt = conversation.format
+    texts = set(fmt.control_tokens) | {fmt.tool_result_open.strip(), fmt.tool_result_close.strip()}
+    rules = [{"id": "channel:control-text", "literal": t} for t in sorted(texts) if t]
+    # The delimiters' markers in any case and spacing, and near misses ("<<untrustable").
+    rules.append({"id": "channel:delimiter", "regex": r"<<\s*/?\s*untrust", "ignore_case": True})
+    rules += exfiltration_rules(allow_hosts)
+    rules += _tool_rules(conversation, tools, tool_choice)
+    return Policy(forbid=rules, special_tokens="forbid")
+
+
+def user_policy(policy: Optional[Policy], calls_possible: bool) -> Optional[Policy]:
+    """A user policy as the guard enforces it: its rules, plus (when a tool call is possible) their
+    companions over the JSON-escaped spelling, so that they apply to the decoded value of every
+    string in a call (:func:`safedecode.channels.tools.escaped_spelling_rules`; they apply to the whole
+    output, so with tools a forbidden phrase spelled with ``\\"``/``\\\\`` outside a call is
+    refused too — as a CommonMark renderer would show it). Special tokens are the channel part's job."""
+    if policy is None or not policy.forbid:
+        return None
+    companions = escaped_spelling_rules(policy) if calls_possible else []
+    return Policy(forbid=list(policy.forbid) + companions)
+
+
+def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: Iterable[str],
+                  tool_choice: str) -> Policy:
+    """The request-independent part of the guard, as one policy: the channel rules and ``policy``
+    as :func:`user_policy` enforces it (the guard compiles the two as separate parts)."""
+    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
+    user = user_policy(policy, _calls_possible(channel))
+    return Policy(forbid=list(channel.forbid) + (list(user.forbid) if user else []), special_tokens="forbid")
+
+
+def _calls_possible(channel: Policy) -> bool:
+    return any(rule.id == "tool:call" for rule in channel.forbid)
+
+
+def request_policy(conversation, nonce: str, leak_window: int, calls_possible: bool = False) -> Policy:
+    """The per-request part: the nonce and every ``leak_window``-character span of the system text.
+    With ``calls_possible``, a span holding ``"`` or ``\\`` is also forbidden in its JSON-escaped
+    spelling (:func:`~safedecode.channels.tools.escaped_spelling_rules`): a tool argument's decoded value
+    must not copy it either."""
+    system = conversation.system_text
+    spans = sorted({system[i:i + leak_window] for i in range(len(system) - leak_window + 1)})
+    rules = [{"id": "channel:nonce", "literal": nonce, "ignore_case": True}]
+    rules += [{"id": "channel:system-leak", "literal": span} for span in spans if span.strip()]
+    if calls_possible:
+        escapable = [rule for rule in rules if '"' in rule["literal"] or "\\" in rule["literal"]]
+        rules += escaped_spelling_rules(Policy(forbid=escapable)) if escapable else []
+    return Policy(forbid=rules)
+
+
+def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
+    """The tool-call block rule (and ``tool:only-calls``), or ``tool:none``."""
+    fmt = conversation.format
+    declared = declare_tools(tools)
+    open_tag, close_tag = fmt.tool_call_open.strip(), fmt.tool_call_close.strip()
+    if any(token in open_tag for token in fmt.control_tokens):
+        if declared:
+            raise ToolError(f"chat format {fmt.name!r} opens a tool call with a control token ({open_tag!r}); "
+                            f"guarded tool calls need a format whose tool-call tags are text (e.g. chatml)")
+        return []  # the control token itself is masked: no call can start
+    if tool_choice not in TOOL_CHOICES:
+        raise PolicyError(f"tool_choice={tool_choice!r}: expected one of {TOOL_CHOICES}")
+    body = tool_call_regex(declared, conversation.trusted_text, fmt.tool_call_arguments_key) if declared else None
+    if body is None or tool_choice == "none":  # no tool may (or can) be called: the tag itself is forbidden
+        if tool_choice == "required":
+            raise ToolError("tool_choice='required' but no tool can be called (no tools, or a required "
+                            "FromTrusted field has no value in the trusted text)")
+        return [{"id": "tool:none", "literal": open_tag}]
+    rules = [{"id": "tool:call", "open": open_tag, "body": rf"[ \n]?(?:{body})[ \n]?", "close": close_tag,
+              "at_start": tool_choice == "required"}]
+    if tool_choice == "required" and close_tag:  # calls only: after a call, another call or the end
+        after = departure_regex([(open_tag, None), ("\n" + open_tag, None)])
+        rules.append({"id": "tool:only-calls", "regex": regex.escape(close_tag) + after})
+    return rules
+
+
+def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
+                leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto",
+                max_states: int = DEFAULT_MAX_STATES, budget=DEFAULT_WORK_BUDGET,
+                **telemetry_options) -> SafeLogitsProcessor:
+    """The guard processor for ``conversation``'s current encoding (encoded now if needed).
+
+    ``policy`` is a :class:`Policy`, or a sequence of them (each compiled as its own part, so a
+    shipped policy stays cached when a request adds inline rules). ``max_states`` bounds the
+    compilation of every part, ``budget`` the work of compiling each policy (an int, None for
+    unbounded, or one per policy): servers pass their request limits, so an over-large request is
+    refused by the one compilation itself, as soon as a limit is passed."""
+    if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
+        raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
+    policies = [] if policy is None else [policy] if isinstance(policy, Policy) else list(policy)
+    for item in policies:
+        if not isinstance(item, Policy):
+            raise PolicyError(f"policy must be a safedecode.Policy, a sequence of them, or None; got "
+                              f"{type(item).__name__}")
+    if conversation.encoded is None:
+        conversation.encode(tools)
+    vocabulary = guard_vocabulary(conversation)
+    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
+    calls_possible = _calls_possible(channel)
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(policies)
+    if len(budgets) != len(policies):
+        raise PolicyError(f"budget: {len(budgets)} budgets for {len(policies)} policies")
+    parts = [compile_policy(channel, vocabulary, max_states=max_states)]
+    for item, item_budget in zip(policies, budgets):
+        user = user_policy(item, calls_possible)
+        if user is not None:
+            parts.append(compile_policy(user, vocabulary, max_states=max_states, budget=item_budget))
+    parts.append(compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window, calls_possible),
+                                vocabulary, cache_dir=False, max_states=max_states))
+    return SafeLogitsProcessor(combine(parts), **telemetry_options)
+
+
+__all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "channel_policy", "user_policy", "static_policy", "request_policy",
+           "guard_vocabulary"]

@@ -1,0 +1,299 @@
+"""The generation worker: one model, one generation at a time, streamed token by token.
+
+Invariants:
+  * **no cross-talk**: exactly one thread (the worker) ever runs the model, one job at a time in
+    arrival order; every job carries its own logits processor (per-generation state) and its own
+    :class:`TextTracker`, so nothing is shared between requests but the immutable model and
+    compiled policies. A request's answer is therefore the same whether it ran alone or among
+    others (given the same seed, or greedy decoding);
+  * **cancellation frees the model**: :meth:`Job.cancel` (a client disconnected) is checked after
+    every token by a ``StoppingCriteria``, so the generation stops at the next step; a job
+    cancelled while queued never starts;
+  * **only guarded text is streamed**: the text is the generated tokens' bytes decoded exactly as
+    DESIGN §1 defines it (an incomplete UTF-8 tail is held back), and a delta never goes past a
+    token boundary — the points where the guard's prefix-safety holds — nor into a possible stop
+    string or tool-call tag (see :class:`TextTracker`).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import codecs
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import SafeDecodeError
+from ..policy.rules import Policy, find_violations
+
+
+class Busy(SafeDecodeError):
+    """The queue is full (HTTP 503)."""
+
+
+def load_model(spec: str = "default"):
+    """``(model, tokenizer, name)``: the embedded SmolLM2 for ``"default"``, else a local HF model
+    directory (never downloads)."""
+    if spec in ("default", None):
+        from ..models import DEFAULT_MODEL_NAME, load_default_model
+
+        model, tokenizer = load_default_model()
+        return model, tokenizer, DEFAULT_MODEL_NAME
+    path = Path(spec)
+    if not path.is_dir():
+        raise SafeDecodeError(f"--model {spec!r}: not 'default' or a local Hugging Face model directory")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    return model, tokenizer, path.name
+
+
+class TextTracker:
+    """The generated text of one job, and how much of it may be sent so far.
+
+    ``text`` is the tokens' bytes decoded with ``errors="replace"`` and an incomplete tail held back
+    (DESIGN §1); it only grows. ``boundaries[k]`` is the text length after ``k`` tokens. ``stops``
+    end the generation at their first occurrence (the answer excludes them, as in OpenAI's API);
+    ``pause`` (the tool-call tag) ends the streamable *content* where it first appears.
+    """
+
+    def __init__(self, vocabulary, stops=(), pause: Optional[str] = None, policy: Optional[Policy] = None):
+        self.vocabulary = vocabulary
+        self.stops = tuple(stops or ())
+        self.pause = pause
+        self.policy = policy
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+        self.boundaries = [0]
+        self.tokens = 0
+        self.eos = False
+        self.stopped_at: Optional[int] = None
+        self.paused_at: Optional[int] = None
+        self.sent = 0
+
+    def feed(self, token_id: int) -> bool:
+        """Append one generated token; True when the generation must end (EOS or a stop string)."""
+        self.tokens += 1
+        if token_id in self.vocabulary.eos_ids:
+            self.eos = True
+            return True
+        before = len(self.text)
+        self.text += self.decoder.decode(self.vocabulary.token_bytes[token_id] or b"", final=False)
+        self.boundaries.append(len(self.text))
+        if self.pause and self.paused_at is None:
+            found = self.text.find(self.pause, max(0, before - len(self.pause) + 1))
+            self.paused_at = found if found >= 0 else None
+        hits = [i for s in self.stops if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        if hits:
+            self.stopped_at = min(hits)
+        return bool(hits)
+
+    def _held(self) -> int:
+        """Length of the longest suffix of ``text`` that could begin a stop string or the pause tag."""
+        markers = self.stops + ((self.pause,) if self.pause and self.paused_at is None else ())
+        longest = 0
+        for marker in markers:
+            for k in range(min(len(marker) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(marker[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _boundary_at_most(self, end: int) -> int:
+        return self.boundaries[bisect.bisect_right(self.boundaries, end) - 1]
+
+    def take(self) -> str:
+        """The next delta that may be streamed now (possibly empty)."""
+        end = len(self.text) - self._held()
+        for limit in (self.stopped_at, self.paused_at):
+            if limit is not None:
+                end = min(end, limit)
+        end = self._boundary_at_most(end)
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return delta
+
+    def final(self) -> tuple[str, str]:
+        """``(text, content)`` once the generation is over: the answer (cut before a stop string) and
+        its content part (before the first tool-call tag). A cut inside a token that would read as a
+        violation (an end-sensitive rule such as ``foo\\b``) backs off to the token boundary."""
+        text = self.text
+        if self.stopped_at is not None:
+            cut = self.stopped_at
+            if cut not in self.boundaries and self.policy is not None and find_violations(self.policy, text[:cut]):
+                cut = self._boundary_at_most(cut)
+            text = text[:cut]
+        content = text if self.paused_at is None else text[:self.paused_at]
+        return text, content
+
+    def rest(self, content: str) -> str:
+        """What a stream has not sent yet of the final ``content`` (from :meth:`final`)."""
+        delta, self.sent = content[self.sent:], max(self.sent, len(content))
+        return delta
+
+
+@dataclass
+class Outcome:
+    text: str            # the whole answer (tool calls included)
+    content: str         # the answer before the first tool-call tag
+    rest: str            # what a stream has not sent yet of ``content``
+    finish_reason: str   # "stop", "length", "content_filter" (guard failed closed) or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    report: Optional[dict] = None  # blocked-mass telemetry, when the request asked for it
+
+
+@dataclass
+class Job:
+    """One generation request. ``processor`` is this job's own (stateful) logits processor or None."""
+
+    input_ids: list[int]
+    processor: Any
+    tracker: TextTracker
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    stream: bool = False
+    events: Optional[asyncio.Queue] = None
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, kind: str, value) -> None:
+        """Hand an event to the request's coroutine: ("delta", str), ("done", Outcome), ("error", exc)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    async def next_event(self) -> tuple[str, Any]:
+        return await self.events.get()
+
+
+class Engine:
+    """Runs :class:`Job` s on one worker thread (see the module invariants); counts what it did."""
+
+    def __init__(self, model, tokenizer, max_queue: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._current: Optional[Job] = None
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self.counters = dict(queued=0, running=0, completed=0, cancelled=0, failed=0, generated_tokens=0)
+        self._thread = threading.Thread(target=self._work, name="safedecode-engine", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self.counters)
+
+    def _count(self, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                self.counters[key] += value
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (from the event loop); raises :class:`Busy` when ``max_queue`` jobs wait."""
+        with self._lock:
+            if self.counters["queued"] >= self.max_queue:
+                raise Busy(f"{self.counters['queued']} requests are waiting; try again later")
+            self.counters["queued"] += 1
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        self._queue.put(job)
+        return job
+
+    def close(self) -> None:
+        """Stop the worker: the running generation is cancelled, queued jobs are not started."""
+        self._closing.set()
+        self._queue.put(None)
+        while (job := self._current) is not None and self._thread.is_alive():
+            job.cancel()
+            self._thread.join(timeout=0.1)
+        self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._count(queued=-1, running=1)
+            self._current = job
+            if self._closing.is_set():
+                job.cancel()
+            try:
+                outcome = self.run(job)
+            except Exception as exc:  # reported to the request, never kills the worker
+                self._count(running=-1, failed=1)
+                job.emit("error", exc)
+                continue
+            finally:
+                self._current = None
+            cancelled = outcome.finish_reason == "cancelled"
+            self._count(running=-1, completed=int(not cancelled), cancelled=int(cancelled),
+                        generated_tokens=outcome.completion_tokens)
+            job.emit("done", outcome)
+
+    def run(self, job: Job) -> Outcome:
+        """Generate ``job`` to the end (EOS, a stop string, ``max_tokens`` or cancellation)."""
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
+
+        tracker = job.tracker
+
+        class Tap(StoppingCriteria):
+            """Called after every generated token: feed it, stream what may be sent, stop if asked."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                stop = tracker.feed(int(input_ids[0, -1]))
+                if job.stream and (delta := tracker.take()):
+                    job.emit("delta", delta)
+                return torch.full((input_ids.shape[0],), stop or job.cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        if not job.cancelled.is_set():
+            kwargs = dict(max_new_tokens=job.max_tokens, do_sample=job.temperature > 0,
+                          eos_token_id=sorted(tracker.vocabulary.eos_ids), pad_token_id=self.pad_token_id,
+                          stopping_criteria=StoppingCriteriaList([Tap()]),
+                          logits_processor=LogitsProcessorList([job.processor] if job.processor else []))
+            if job.temperature > 0:
+                kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=0)
+            if job.ignore_eos:
+                kwargs["min_new_tokens"] = job.max_tokens
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            elif job.temperature > 0:
+                torch.seed()  # an earlier request's seed must not make this one predictable
+            ids = torch.tensor([job.input_ids], device=self.model.device)
+            with torch.no_grad():
+                self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        text, content = tracker.final()
+        telemetry = getattr(job.processor, "telemetry", None)
+        return Outcome(text=text, content=content, rest=tracker.rest(content), finish_reason=self._finish(job),
+                       prompt_tokens=len(job.input_ids), completion_tokens=tracker.tokens,
+                       report=telemetry.report() if telemetry is not None else None)
+
+    @staticmethod
+    def _finish(job: Job) -> str:
+        tracker = job.tracker
+        if job.cancelled.is_set() and not (tracker.eos or tracker.stopped_at is not None):
+            return "cancelled"
+        states = getattr(job.processor, "states", None)
+        telemetry = getattr(job.processor, "telemetry", None)
+        if (states and any(state < 0 for state in states[0])) or (telemetry is not None and telemetry.report()["stopped_early"]):
+            return "content_filter"
+        return "stop" if tracker.eos or tracker.stopped_at is not None else "length"
+
+
+__all__ = ["Engine", "Job", "Outcome", "TextTracker", "Busy", "load_model"]
