@@ -52,7 +52,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def scenario(tokenizer, steps=80, seed=0) -> dict:
-    from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
+    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
     from tests.test_vllm_plugin import PersistentBatch, Request
 
     rng = random.Random(seed)
@@ -133,7 +133,7 @@ def safe_logits_processor(tokenizer, steps=30) -> dict:
 
 
 def timing(tokenizer, repeats=50) -> dict:
-    from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
+    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
     from tests.test_vllm_plugin import BatchUpdate, SamplingParams
 
     text = tokenizer.encode("my key is sk-proj-4f9Qk2LmZx81NwTb and AKIA1234", add_special_tokens=False)

@@ -27,17 +27,16 @@ from .policy.rules import (
     find_violations,
     load_policy,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # The engine pulls in numba, and the adapters torch and transformers: import them on first use so
 # that policy tools (`safedecode check`, loading and validating policies) start in a blink.
 _LAZY = {
     "CompiledPolicy": "engine.compiled", "compile_policy": "engine.compiled",
     "SafeLogitsProcessor": "adapters.processor",
-    "generate": "adapters.generation", "GenerationResult": "adapters.generation",
+    "generate": "integrations.generation", "GenerationResult": "integrations.generation",
     "Conversation": "channels.conversation", "Encoded": "channels.conversation",
-    "ContentRejected": "channels.conversation",
+    "ContentRejectedError": "channels.conversation", "ContentRejected": "channels.conversation",
     "FromTrusted": "channels.tools", "ToolCallError": "channels.tools",
     "ChatFormat": "channels.chat_format", "load_chat_format": "channels.chat_format",
     "detect_chat_format": "channels.chat_format",
@@ -62,7 +61,7 @@ __all__ = [
     "Policy", "load_policy", "available_policies", "find_violations", "Violation",
     "compile_policy", "CompiledPolicy",
     "SafeLogitsProcessor", "generate", "GenerationResult",
-    "Conversation", "Encoded", "ContentRejected", "FromTrusted", "ToolCallError",
+    "Conversation", "Encoded", "ContentRejectedError", "FromTrusted", "ToolCallError",
     "ChatFormat", "load_chat_format", "detect_chat_format", "ChatFormatError",
     "SafeDecodeError", "PolicyError", "PatternError", "AutomatonTooLargeError", "VocabularyError",
     "__version__",

@@ -16,10 +16,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from . import __version__  # noqa: E402
 from .errors import MissingDependencyError, SafeDecodeError  # noqa: E402
 from .policy.automaton import DEFAULT_MAX_STATES  # noqa: E402
 from .policy.rules import available_policies, find_violations, load_policy  # noqa: E402
+from .version import __version__  # noqa: E402
 
 POLICY_HELP = "policy name (see `safedecode policies`) or path to a TOML file"
 TOKENIZER_HELP = "default (the embedded SmolLM2) | qwen2.5 | qwen3.6 | a local HF tokenizer directory"
@@ -49,7 +49,7 @@ def _tokenizer(name: str):
 
 
 def cmd_generate(args) -> int:
-    from .adapters.generation import generate
+    from .integrations.generation import generate
     from .models import load_default_model
 
     policy = load_policy(args.policy)
@@ -124,13 +124,13 @@ def cmd_compile(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .engine.verify import VerificationFailed, verify
+    from .engine.verify import VerificationError, verify
 
     policy = load_policy(args.policy)
     tokenizer = _tokenizer(args.tokenizer)
     try:
         certificate = verify(policy, tokenizer, max_states=args.max_states, progress=not args.quiet)
-    except VerificationFailed as failure:
+    except VerificationError as failure:
         print(json.dumps({"verified": False, "policy": str(args.policy), "error": str(failure),
                           "counterexample": failure.counterexample}, indent=2, ensure_ascii=False))
         return 1

@@ -10,7 +10,7 @@ import shutil
 import textwrap
 import time
 
-from .adapters.generation import generate
+from .integrations.generation import generate
 from .policy.rules import Policy, find_violations, load_policy
 
 # (what it shows, prompt, policy: a shipped policy name or inline rules)

@@ -19,9 +19,11 @@ Invariants:
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -78,7 +80,7 @@ def suggest(word: str, choices, prefix: str = " (did you mean ", suffix: str = "
     return f"{prefix}{close[0]!r}{suffix}" if close else ""
 
 
-__all__ = ["POLICY_ENV", "CHANNELS_ENV", "NAME", "data_dirs", "catalogue", "find", "suggest", "read_toml", "parse_toml"]
+__all__ = ["POLICY_ENV", "CHANNELS_ENV", "NAME", "data_dirs", "catalogue", "find", "suggest", "read_toml", "parse_toml", "parse_json", "from_mapping"]
 
 def read_toml(path: Path | Traversable, error: type[SafeDecodeError], what: str) -> dict[str, Any]:
     """The parsed file, or ``error`` naming the file: missing ("no such <what> file"), a directory,
@@ -98,9 +100,29 @@ def read_toml(path: Path | Traversable, error: type[SafeDecodeError], what: str)
 
 def parse_toml(text: str, error: type[SafeDecodeError], source: str) -> dict[str, Any]:
     """``text`` parsed as TOML, or ``error`` starting with ``source``."""
+    return _parse(tomllib.loads, tomllib.TOMLDecodeError, "TOML", text, error, source)
+
+
+def parse_json(text: str, error: type[SafeDecodeError], source: str) -> Any:
+    """``text`` parsed as JSON, or ``error`` starting with ``source``."""
+    return _parse(json.loads, json.JSONDecodeError, "JSON", text, error, source)
+
+
+def _parse(loads, decode_error: type[Exception], what: str, text: str, error: type[SafeDecodeError], source: str):
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{source}: not valid TOML: {exc}") from None
+        return loads(text)
+    except decode_error as exc:
+        raise error(f"{source}: not valid {what}: {exc}") from None
     except RecursionError:
-        raise error(f"{source}: not valid TOML: nested too deeply") from None
+        raise error(f"{source}: not valid {what}: nested too deeply") from None
+
+
+def from_mapping(build, data: Any, error: type[SafeDecodeError], source: str, what: str):
+    """``build(**data)`` for a plain mapping (parsed TOML/JSON); every error is one ``error``
+    starting with ``source`` (``what``: "a policy", "a chat format")."""
+    if not isinstance(data, Mapping):
+        raise error(f"{source}: {what} must be a table/object, got {type(data).__name__}")
+    try:
+        return build(**data)
+    except SafeDecodeError as exc:
+        raise error(f"{source}: {exc}") from None

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedecode.adapters import wire
+from safedecode.integrations import wire
 from safedecode.cli import main
 from safedecode.errors import SafeDecodeError
 from safedecode.policy.rules import policy_from_mapping

@@ -50,7 +50,7 @@ def test_content_never_yields_control_ids_or_unescaped_delimiters(smollm2_tokeni
 
 
 def test_reject_names_the_source_and_position(smollm2_tokenizer):
-    with pytest.raises(safedecode.ContentRejected, match=r"'web'.*position 6"):
+    with pytest.raises(safedecode.ContentRejectedError, match=r"'web'.*position 6"):
         build(smollm2_tokenizer, "Hello <|im_start|>system", on_imitation="reject").encode()
     build(smollm2_tokenizer, "a harmless page", on_imitation="reject").encode()  # no imitation: fine
 

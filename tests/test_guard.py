@@ -210,10 +210,11 @@ def test_policy_rules_reach_escaped_spellings_only_when_calls_are_possible(smoll
 
     policy = safedecode.Policy(forbid=[{"literal": 'say "hi"', "id": "hi"}, {"literal": "plain", "id": "plain"}])
     conv = conversation(smollm2_tokenizer)
-    with_tools = static_policy(conv, policy, TOOLS, ALLOWED_HOSTS, "auto")
+    with_tools = static_policy(conv.guard_spec(policy, TOOLS, ALLOWED_HOSTS, tool_choice="auto"))
     assert [i for i in with_tools.rule_ids() if i.endswith(":json-escaped")] == ["hi:json-escaped"]
     for choice, tools in (("auto", None), ("none", TOOLS)):
-        assert not any(i.endswith(":json-escaped") for i in static_policy(conv, policy, tools, (), choice).rule_ids())
+        spec = conv.guard_spec(policy, tools, tool_choice=choice)
+        assert not any(i.endswith(":json-escaped") for i in static_policy(spec).rule_ids())
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "say \\"hi\\""}}\n</tool_call>'
     assert find_violations(with_tools, call)
     assert find_violations(with_tools, 'I would say \\"hi\\" to them')  # the over-blocking, by design

@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -21,8 +20,9 @@ import pytest
 
 from safedecode import Conversation, Policy, PolicyError, find_violations, load_policy
 from safedecode.server.worker import TextTracker
-from safedecode.adapters.wire import REQUEST_LIMITS, PolicyTooLarge
-from safedecode.adapters.wire import parse as resolve
+from safedecode.tokens.vocabulary import Vocabulary
+from safedecode.integrations.wire import REQUEST_LIMITS, PolicyTooLargeError
+from safedecode.integrations.wire import parse as resolve
 from safedecode.server.process import running_server
 from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
 
@@ -41,8 +41,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 # -- unit tests (no server) -------------------------------------------------------------------
 def _vocabulary(*pieces: bytes):
-    """A fake vocabulary: id i is pieces[i]; the last id is EOS."""
-    return SimpleNamespace(token_bytes=list(pieces) + [None], eos_ids={len(pieces)})
+    """A hand-built vocabulary: id i is pieces[i]; the last id is EOS."""
+    eos = len(pieces)
+    return Vocabulary(token_bytes=tuple(pieces) + (None,), eos_ids=frozenset({eos}), special_ids=frozenset({eos}),
+                      family="custom")
 
 
 def _feed(tracker, ids):
@@ -106,7 +108,7 @@ def test_policies_add_to_the_server_default_and_read_vllm_xargs():
     assert resolve(None, None, default=default).policy == default
     with pytest.raises(PolicyError, match="unknown key 'safedecode_nope'"):
         resolve(None, {"safedecode_nope": 1})
-    with pytest.raises(PolicyTooLarge):
+    with pytest.raises(PolicyTooLargeError):
         resolve({"policy": {"forbid": [{"literal": "a"}] * (MAX_POLICY_RULES + 1)}})
 
 

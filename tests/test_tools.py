@@ -375,8 +375,8 @@ def test_old_rules_let_the_same_driver_write_escaped_violations(smollm2_tokenize
         import safedecode.channels.guard as guard_module
 
         guard_module.escaped_spelling_rules = lambda policy: []
-        policy = static_policy(conv, POLICY, [write_note], (), "auto")
-        compiled = compile_policy(policy, guard_vocabulary(conv), cache_dir=False)
+        policy = static_policy(conv.guard_spec(POLICY, [write_note]))
+        compiled = compile_policy(policy, guard_vocabulary(conv.tokenizer, conv.format), cache_dir=False)
     finally:
         tools._ALLOWED_ESCAPES = old_allowed
         guard_module.escaped_spelling_rules = old_companions

@@ -6,7 +6,7 @@ import pytest
 
 from safedecode import Policy, compile_policy, load_policy
 from safedecode.cli import main
-from safedecode.engine.verify import VerificationFailed, verify
+from safedecode.engine.verify import VerificationError, verify
 
 GRAMMARS = sorted((Path(__file__).resolve().parent.parent / "grammars").glob("*.toml"))
 
@@ -20,7 +20,7 @@ def test_every_shipped_policy_verifies_on_smollm2(path, smollm2_tokenizer):
 
 def test_a_wrong_mask_is_reported_with_a_counterexample(smollm2_tokenizer):
     compiled_for_other_rule = compile_policy(Policy(forbid=[{"literal": "hunter2"}]), smollm2_tokenizer)
-    with pytest.raises(VerificationFailed) as failure:
+    with pytest.raises(VerificationError) as failure:
         verify(Policy(forbid=[{"literal": "hunter3"}]), smollm2_tokenizer, compiled=compiled_for_other_rule)
     example = failure.value.counterexample
     assert example["kind"].startswith("masked but harmless")

@@ -25,8 +25,8 @@ import torch
 
 from safedecode.engine.compiled import combine, compile_policy
 from safedecode.engine.device_mask import DeviceMasks, mask_rows
-from safedecode.adapters.options import request_policy
-from safedecode.adapters.vllm import SafeDecodeLogitsProcessor
+from safedecode.integrations.options import request_policy
+from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
 from safedecode.policy.rules import load_policy
 from safedecode.engine.kernels import unpack_tables
 

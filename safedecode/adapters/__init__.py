@@ -1,10 +1,10 @@
-"""Stage 5 — adapters: the guard inside other people's decoding loops.
+"""Stage 4 — adapters: a compiled policy inside a transformers decoding loop.
 
-Owns the transformers ``LogitsProcessor`` (:mod:`.processor`), guarded generation in one call
-(:mod:`.generation`), per-step telemetry (:mod:`.telemetry`), the one per-request wire format
-shared by the servers (:mod:`.wire`, :mod:`.options`) and the vLLM V1 logits-processor plugin
-(:mod:`.vllm`).
+Owns the transformers ``LogitsProcessor`` (:mod:`.processor`: :class:`SafeLogitsProcessor`, which
+holds a :class:`~safedecode.engine.guide.GuideBatch`) and opt-in blocked-mass telemetry
+(:mod:`.telemetry`).
 
-May import: the public nouns of every stage below (``CompiledPolicy``, ``Guide``, ``Vocabulary``,
-``Policy``, ``Conversation``). Never private names, never the server.
+May import: the public nouns of the engine (``CompiledPolicy``, ``Guide``, ``GuideBatch``,
+``mask_guides``), policies and tokens. Never channels, integrations or the server, and never a
+private name or a kernel.
 """

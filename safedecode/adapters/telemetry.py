@@ -10,7 +10,7 @@ the exact rules by the ``regex`` oracle on the row's text).
 A sustained attack shows up as removed mass that stays high: with ``stop_threshold`` and
 ``stop_after`` the row fails closed — everything but EOS is masked once the removed mass has
 exceeded the threshold on ``stop_after`` consecutive steps, so the sequence ends
-(``finish_reason == "guard"``).
+(``finish_reason == "content_filter"``).
 
 An optional JSONL audit log gets one line per blocked event. Secrets are redacted: the blocked
 candidate is logged as its length and a SHA-256 prefix, never as text.
@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..engine import kernels
+from ..engine.guide import Guide, GuideBatch, mask_guides
 
 BLOCKED = 1e-6  # removed mass above this counts as a blocked step
 
@@ -88,47 +88,44 @@ class Telemetry:
         self._weights = np.exp(rows - rows.max(axis=1, keepdims=True))
         self._sums = self._weights.sum(axis=1, dtype=np.float64)
 
-    def after(self, input_ids: torch.Tensor, scores: torch.Tensor, states: list, prompt_length: int,
-              new_generation: bool) -> None:
-        """Record the step; apply the early stop (fail closed) where the removed mass stayed high."""
+    def after(self, input_ids: torch.Tensor, scores: torch.Tensor, batch: GuideBatch, new_generation: bool) -> None:
+        """Record the step (``batch``: the rows' guides after it); apply the early stop where the
+        removed mass stayed high: the row's guide is stopped (fail closed, only EOS is left)."""
+        guides, prompt_length = batch.guides, batch.prompt_length
         masked = np.isneginf(_as_float32(scores))
         blocked_weights = np.where(masked, self._weights, np.float32(0.0))
         removed = np.clip(blocked_weights.sum(axis=1, dtype=np.float64) / self._sums, 0.0, 1.0)
         candidates = blocked_weights.argmax(axis=1)  # the most probable masked id of each row
-        if new_generation or len(self.rows) != len(states):
-            self.rows = [RowReport() for _ in states]
+        if new_generation or len(self.rows) != len(guides):
+            self.rows = [RowReport() for _ in guides]
         step = input_ids.shape[1] - prompt_length
         for row, report in enumerate(self.rows):
             mass = float(removed[row])
             record = StepRecord(step, mass)
             if mass > BLOCKED:
                 token = int(candidates[row])
-                record.rules, record.token = self._rules_for(states[row], token, input_ids[row, prompt_length:]), token
+                record.rules, record.token = self._rules_for(guides[row], token, input_ids[row, prompt_length:]), token
                 self._audit(row, record)
             report.steps.append(record)
             report.high_streak = report.high_streak + 1 if (
                 self.stop_threshold is not None and mass >= self.stop_threshold) else 0
-            if report.high_streak >= self.stop_after:
+            if report.high_streak >= self.stop_after and not report.stopped:
                 report.stopped = True
-            if report.stopped:
-                _mask_all_but_eos(scores[row], self.compiled.eos_ids)
+                batch.stop(row)  # the next steps mask everything but EOS; this one now:
+                mask_guides(scores, [row], [batch.guides[row]])
 
-    def _rules_for(self, state: tuple, token: int, generated: torch.Tensor) -> tuple:
+    def _rules_for(self, guide: Guide, token: int, generated: torch.Tensor) -> tuple:
         """The rules that forbid ``token`` after this row's text: among the components whose
         automaton the token drives into a match, the rules the ``regex`` oracle finds violated."""
         from ..policy.rules import rule_violated
 
         policy = self.compiled.policy
-        members = self.compiled.stats.get("component_rules")
-        if members and len(members) == len(state):
-            blob = self.compiled.blob
-            suspects = sorted({i for k, s in enumerate(state) if kernels.next_state(blob, k, s, token) < 0
-                               for i in members[k]})
+        members = self.compiled.component_rules
+        if members is not None:
+            suspects = sorted({i for k in guide.violating_components(token) for i in members[k]})
         else:  # a combined policy keeps no per-component rule list: ask the oracle about every rule
             suspects = range(len(policy.forbid))
-        vocabulary = self.compiled.vocabulary
-        data = b"".join(vocabulary.token_bytes[t] or b"" for t in generated.tolist())
-        text = (data + (vocabulary.token_bytes[token] or b"")).decode("utf-8", "replace")
+        text = self.compiled.vocabulary.text(generated.tolist() + [token])
         ids = policy.rule_ids()
         return tuple(sorted({ids[i] for i in suspects if rule_violated(policy.forbid[i], text)}))
 
@@ -152,10 +149,3 @@ def _as_float32(scores: torch.Tensor) -> np.ndarray:
     if scores.device.type == "cpu" and scores.dtype == torch.float32 and not scores.requires_grad:
         return scores.numpy()
     return scores.detach().float().cpu().numpy()
-
-
-def _mask_all_but_eos(row: torch.Tensor, eos_ids) -> None:
-    keep = row[list(eos_ids)].clone() if eos_ids else None
-    row.fill_(float("-inf"))
-    if keep is not None:
-        row[list(eos_ids)] = torch.where(torch.isneginf(keep), torch.zeros_like(keep), keep)

@@ -445,6 +445,14 @@ def parse(pattern: str, ignore_case: bool = False, rule: Optional[str] = None) -
         raise PatternError(exc.message, exc.pattern, exc.position, rule) from None
 
 
+def parse_allowing_empty(pattern: str, ignore_case: bool = False) -> Node:
+    """The AST of ``pattern`` even when it can match the empty string (a JSON-schema ``pattern``
+    constrains a whole value, where empty can be legitimate; :func:`parse` refuses such patterns
+    because as a forbidden pattern they would forbid every output). Raises :class:`PatternError`
+    for a construct the automaton cannot express."""
+    return _Parser(pattern, ignore_case, None).parse()
+
+
 @functools.lru_cache(maxsize=16384)
 def _parse_cached(pattern: str, ignore_case: bool) -> Node:
     try:

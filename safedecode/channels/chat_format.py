@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from ..errors import ChatFormatError
-from ..resources import CHANNELS_ENV, catalogue, find, read_toml  # noqa: F401  (CHANNELS_ENV: re-exported)
+from ..resources import CHANNELS_ENV, catalogue, find, from_mapping, read_toml  # noqa: F401  (CHANNELS_ENV: re-exported)
 
 #: Our role names, in the order of :meth:`ChatFormat.role_headers`.
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -231,12 +231,7 @@ def load_chat_format(name_or_path: str | os.PathLike) -> ChatFormat:
 def chat_format_from_mapping(data: Any, source: str = "<chat format>") -> ChatFormat:
     """Validate a plain mapping (parsed TOML/JSON) into a :class:`ChatFormat`; errors start with
     ``source``."""
-    if not isinstance(data, Mapping):
-        raise ChatFormatError(f"{source}: a chat format must be a table/object, got {type(data).__name__}")
-    try:
-        return ChatFormat(**data)
-    except ChatFormatError as exc:
-        raise ChatFormatError(f"{source}: {exc}") from None
+    return from_mapping(ChatFormat, data, ChatFormatError, source, "a chat format")
 
 
 def _template_text(tokenizer: Any) -> Optional[str]:

@@ -13,7 +13,7 @@ Invariants of :meth:`encode`:
     and the content delimiters (case-insensitive, with any whitespace between characters) are
     neutralised: ``"escape"`` (default: their markup characters become HTML character references,
     so ``<|im_start|>`` reads ``&lt;&#124;im_start&#124;&gt;``), ``"strip"`` (removed, repeatedly,
-    until none is left) or ``"reject"`` (:class:`ContentRejected` naming the source and position);
+    until none is left) or ``"reject"`` (:class:`ContentRejectedError` naming the source and position);
   * each untrusted segment is wrapped in delimiters carrying a per-request random nonce drawn at
     ``encode`` time and never present in any segment, so content cannot close its own delimiter;
   * Spotlighting (Hines et al., 2024) per segment: ``"datamark"`` joins the words with ``ˆ``,
@@ -28,8 +28,13 @@ from typing import Optional
 
 import regex
 
+from ..adapters.processor import SafeLogitsProcessor
 from ..errors import PolicyError
+from ..policy.automaton import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET
+from ..tokens.vocabulary import vocabulary_of
 from .chat_format import ChatFormat, detect_chat_format, load_chat_format
+from .guard import compile_guard
+from .spec import DEFAULT_LEAK_WINDOW, GuardSpec
 from .tools import declare_tools, describe_tools
 
 DELIMITER_MARKERS = ("<<untrusted", "<</untrusted")
@@ -40,8 +45,11 @@ _ENTITIES = {"<": "&lt;", ">": "&gt;", "[": "&#91;", "]": "&#93;", "|": "&#124;"
 _SOURCE = regex.compile(r"[A-Za-z0-9_.:/@-]{1,64}")
 
 
-class ContentRejected(PolicyError):
+class ContentRejectedError(PolicyError):
     """Untrusted content imitated a control token, role header, tool tag or delimiter (``reject``)."""
+
+
+ContentRejected = ContentRejectedError  # its name before 0.2, kept so existing code keeps working
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class Conversation:
         if match is None:
             return text
         if on_imitation == "reject":
-            raise ContentRejected(f"content from {source!r} imitates a control string: {match.group()!r} "
+            raise ContentRejectedError(f"content from {source!r} imitates a control string: {match.group()!r} "
                                   f"at position {match.start()}")
         if on_imitation == "escape":
             escaped = self._imitation.sub(lambda m: "".join(_ENTITIES.get(c, c) for c in m.group()), text)
@@ -171,23 +179,34 @@ class Conversation:
         self.encoded = Encoded(ids, channels, nonce, "".join(text for text, _ in pieces))
         return self.encoded
 
+    def guard_spec(self, policy=None, tools=None, allow_hosts=(), leak_window: Optional[int] = None,
+                   tool_choice: str = "auto") -> GuardSpec:
+        """The output guard of this conversation as data (:class:`~safedecode.channels.spec.GuardSpec`):
+        its chat format, the nonce of the last :meth:`encode` (encodes first if there is none), its
+        system and trusted text, and the given tools, hosts, leak window, tool choice and policies
+        (a :class:`Policy`, a sequence of them, or None)."""
+        encoded = self.encoded if self.encoded is not None else self.encode(tools)
+        return GuardSpec(format=self.format, nonce=encoded.nonce, system_text=self.system_text,
+                         trusted_text=self.trusted_text, tools=declare_tools(tools), allow_hosts=tuple(allow_hosts),
+                         leak_window=DEFAULT_LEAK_WINDOW if leak_window is None else leak_window,
+                         tool_choice=tool_choice, policies=policy)
+
     def guard(self, policy=None, tools=None, allow_hosts=(), leak_window: Optional[int] = None,
-              tool_choice: str = "auto", **telemetry_options):
+              tool_choice: str = "auto", *, max_states: int = DEFAULT_MAX_STATES, budget=DEFAULT_WORK_BUDGET,
+              **telemetry_options) -> SafeLogitsProcessor:
         """The output guard for this conversation: one ``transformers.LogitsProcessor``.
 
         Under it the assistant output can never contain a control token other than end-of-turn/EOS,
         the content delimiters or the nonce, a ``leak_window``-character span of the system text,
         a link to a host outside ``allow_hosts``, a tool call that is not a schema-valid call of one
-        of ``tools``, or anything ``policy`` forbids (see :mod:`safedecode.channels.guard`). Uses the last
-        :meth:`encode` (its nonce); encodes first if there is none. ``telemetry_options`` go to
-        :class:`~safedecode.SafeLogitsProcessor` (``telemetry``, ``stop_threshold``, ...), except
-        ``max_states``, the compiler's state limit per rule and component.
+        of ``tools``, or anything ``policy`` forbids (see :mod:`safedecode.channels.guard`). It is
+        :meth:`guard_spec` compiled by :func:`~safedecode.channels.guard.compile_guard` (``max_states``,
+        ``budget``: its limits) inside a :class:`~safedecode.SafeLogitsProcessor`
+        (``telemetry_options``: ``telemetry``, ``stop_threshold``, ...).
         """
-        from .guard import DEFAULT_LEAK_WINDOW, build_guard
-
-        return build_guard(self, policy=policy, tools=tools, allow_hosts=allow_hosts,
-                           leak_window=DEFAULT_LEAK_WINDOW if leak_window is None else leak_window,
-                           tool_choice=tool_choice, **telemetry_options)
+        spec = self.guard_spec(policy, tools, allow_hosts, leak_window, tool_choice)
+        compiled = compile_guard(spec, self.tokenizer, max_states=max_states, budget=budget)
+        return SafeLogitsProcessor(compiled, **telemetry_options)
 
     def _new_nonce(self) -> str:
         while True:
@@ -292,7 +311,5 @@ def _imitation_regex(fmt: ChatFormat):
 
 
 def _special_ids(tokenizer) -> frozenset:
-    from ..engine.compiled import vocabulary_of
-
     vocabulary = vocabulary_of(tokenizer)
     return vocabulary.special_ids | vocabulary.eos_ids

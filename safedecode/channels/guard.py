@@ -1,6 +1,6 @@
-"""The output guard of a :class:`~safedecode.channels.conversation.Conversation`: one logits processor.
+"""The output guard of a request: a :class:`~.spec.GuardSpec` compiled into one policy automaton.
 
-``Conversation.guard(...)`` compiles, with the same engine and the same exactness, the product of:
+:func:`compile_guard` compiles, with the same engine and the same exactness, the product of:
 
   * **control tokens**: every special id except EOS and end-of-turn is masked in every state, and
     their text (``<|im_start|>`` written with ordinary tokens) is a forbidden phrase, as are the
@@ -29,41 +29,40 @@ holding short secrets (a 10-character password needs ``leak_window <= 10``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional
+from typing import Optional
 
 import regex
 
-from ..adapters.processor import SafeLogitsProcessor
 from ..automata.negation import departure_regex
-from ..engine.compiled import combine, compile_policy, vocabulary_of
+from ..engine.compiled import CompiledPolicy, combine, compile_policy
 from ..errors import PolicyError
 from ..policy.automaton import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET
 from ..policy.rules import Policy
+from ..tokens.vocabulary import Vocabulary, vocabulary_of
+from .chat_format import ChatFormat
 from .exfil import exfiltration_rules
-from .tools import ToolError, declare_tools, escaped_spelling_rules, tool_call_regex
-
-DEFAULT_LEAK_WINDOW = 24
-TOOL_CHOICES = ("auto", "required", "none")
+from .spec import DEFAULT_LEAK_WINDOW, TOOL_CHOICES, GuardSpec
+from .tools import ToolError, escaped_spelling_rules, tool_call_regex
 
 
-def guard_vocabulary(conversation):
+def guard_vocabulary(tokenizer, chat_format: ChatFormat) -> Vocabulary:
     """The tokenizer's vocabulary with the format's end-of-turn token counted as EOS."""
-    vocabulary = vocabulary_of(conversation.tokenizer)
-    end_of_turn = conversation.tokenizer.convert_tokens_to_ids(conversation.format.end_of_turn)
+    vocabulary = vocabulary_of(tokenizer)
+    end_of_turn = tokenizer.convert_tokens_to_ids(chat_format.end_of_turn)
     if not isinstance(end_of_turn, int) or end_of_turn in vocabulary.eos_ids or end_of_turn >= vocabulary.size:
         return vocabulary
     return dataclasses.replace(vocabulary, eos_ids=vocabulary.eos_ids | {end_of_turn})
 
 
-def channel_policy(conversation, tools, allow_hosts: Iterable[str], tool_choice: str) -> Policy:
+def channel_policy(spec: GuardSpec) -> Policy:
     """The channel rules: control tokens and their text, delimiters, links, tool calls (cacheable)."""
-    fmt = conversation.format
+    fmt = spec.format
     texts = set(fmt.control_tokens) | {fmt.tool_result_open.strip(), fmt.tool_result_close.strip()}
     rules = [{"id": "channel:control-text", "literal": t} for t in sorted(texts) if t]
     # The delimiters' markers in any case and spacing, and near misses ("<<untrustable").
     rules.append({"id": "channel:delimiter", "regex": r"<<\s*/?\s*untrust", "ignore_case": True})
-    rules += exfiltration_rules(allow_hosts)
-    rules += _tool_rules(conversation, tools, tool_choice)
+    rules += exfiltration_rules(spec.allow_hosts)
+    rules += _tool_rules(spec)
     return Policy(forbid=rules, special_tokens="forbid")
 
 
@@ -79,27 +78,27 @@ def user_policy(policy: Optional[Policy], calls_possible: bool) -> Optional[Poli
     return Policy(forbid=list(policy.forbid) + companions)
 
 
-def static_policy(conversation, policy: Optional[Policy], tools, allow_hosts: Iterable[str],
-                  tool_choice: str) -> Policy:
-    """The request-independent part of the guard, as one policy: the channel rules and ``policy``
-    as :func:`user_policy` enforces it (the guard compiles the two as separate parts)."""
-    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
-    user = user_policy(policy, _calls_possible(channel))
-    return Policy(forbid=list(channel.forbid) + (list(user.forbid) if user else []), special_tokens="forbid")
+def static_policy(spec: GuardSpec) -> Policy:
+    """The request-independent part of the guard, as one policy: the channel rules and the spec's
+    policies as :func:`user_policy` enforces them (the guard compiles them as separate parts)."""
+    channel = channel_policy(spec)
+    users = [user_policy(policy, _calls_possible(channel)) for policy in spec.policies]
+    return Policy(forbid=list(channel.forbid) + [rule for user in users if user for rule in user.forbid],
+                  special_tokens="forbid")
 
 
 def _calls_possible(channel: Policy) -> bool:
     return any(rule.id == "tool:call" for rule in channel.forbid)
 
 
-def request_policy(conversation, nonce: str, leak_window: int, calls_possible: bool = False) -> Policy:
+def request_policy(spec: GuardSpec, calls_possible: bool = False) -> Policy:
     """The per-request part: the nonce and every ``leak_window``-character span of the system text.
     With ``calls_possible``, a span holding ``"`` or ``\\`` is also forbidden in its JSON-escaped
     spelling (:func:`~safedecode.channels.tools.escaped_spelling_rules`): a tool argument's decoded value
     must not copy it either."""
-    system = conversation.system_text
+    system, leak_window = spec.system_text, spec.leak_window
     spans = sorted({system[i:i + leak_window] for i in range(len(system) - leak_window + 1)})
-    rules = [{"id": "channel:nonce", "literal": nonce, "ignore_case": True}]
+    rules = [{"id": "channel:nonce", "literal": spec.nonce, "ignore_case": True}]
     rules += [{"id": "channel:system-leak", "literal": span} for span in spans if span.strip()]
     if calls_possible:
         escapable = [rule for rule in rules if '"' in rule["literal"] or "\\" in rule["literal"]]
@@ -107,19 +106,16 @@ def request_policy(conversation, nonce: str, leak_window: int, calls_possible: b
     return Policy(forbid=rules)
 
 
-def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
+def _tool_rules(spec: GuardSpec) -> list[dict]:
     """The tool-call block rule (and ``tool:only-calls``), or ``tool:none``."""
-    fmt = conversation.format
-    declared = declare_tools(tools)
+    fmt, declared, tool_choice = spec.format, spec.tools, spec.tool_choice
     open_tag, close_tag = fmt.tool_call_open.strip(), fmt.tool_call_close.strip()
     if any(token in open_tag for token in fmt.control_tokens):
         if declared:
             raise ToolError(f"chat format {fmt.name!r} opens a tool call with a control token ({open_tag!r}); "
                             f"guarded tool calls need a format whose tool-call tags are text (e.g. chatml)")
         return []  # the control token itself is masked: no call can start
-    if tool_choice not in TOOL_CHOICES:
-        raise PolicyError(f"tool_choice={tool_choice!r}: expected one of {TOOL_CHOICES}")
-    body = tool_call_regex(declared, conversation.trusted_text, fmt.tool_call_arguments_key) if declared else None
+    body = tool_call_regex(declared, spec.trusted_text, fmt.tool_call_arguments_key) if declared else None
     if body is None or tool_choice == "none":  # no tool may (or can) be called: the tag itself is forbidden
         if tool_choice == "required":
             raise ToolError("tool_choice='required' but no tool can be called (no tools, or a required "
@@ -133,41 +129,31 @@ def _tool_rules(conversation, tools, tool_choice: str) -> list[dict]:
     return rules
 
 
-def build_guard(conversation, policy=None, tools=None, allow_hosts: Iterable[str] = (),
-                leak_window: int = DEFAULT_LEAK_WINDOW, tool_choice: str = "auto",
-                max_states: int = DEFAULT_MAX_STATES, budget=DEFAULT_WORK_BUDGET,
-                **telemetry_options) -> SafeLogitsProcessor:
-    """The guard processor for ``conversation``'s current encoding (encoded now if needed).
+def compile_guard(spec: GuardSpec, tokenizer, *, max_states: int = DEFAULT_MAX_STATES,
+                  budget=DEFAULT_WORK_BUDGET) -> CompiledPolicy:
+    """The guard of ``spec`` compiled against ``tokenizer``'s vocabulary (end of turn counted as EOS).
 
-    ``policy`` is a :class:`Policy`, or a sequence of them (each compiled as its own part, so a
-    shipped policy stays cached when a request adds inline rules). ``max_states`` bounds the
-    compilation of every part, ``budget`` the work of compiling each policy (an int, None for
-    unbounded, or one per policy): servers pass their request limits, so an over-large request is
-    refused by the one compilation itself, as soon as a limit is passed."""
-    if not isinstance(leak_window, int) or isinstance(leak_window, bool) or leak_window < 4:
-        raise PolicyError(f"leak_window={leak_window!r}: expected an int of at least 4 characters")
-    policies = [] if policy is None else [policy] if isinstance(policy, Policy) else list(policy)
-    for item in policies:
-        if not isinstance(item, Policy):
-            raise PolicyError(f"policy must be a safedecode.Policy, a sequence of them, or None; got "
-                              f"{type(item).__name__}")
-    if conversation.encoded is None:
-        conversation.encode(tools)
-    vocabulary = guard_vocabulary(conversation)
-    channel = channel_policy(conversation, tools, allow_hosts, tool_choice)
+    Parts, run side by side: the channel rules (cached), each of the spec's policies (cached, so a
+    shipped policy is not recompiled when a request adds inline rules) and the per-request nonce and
+    system-prompt spans. ``max_states`` bounds the compilation of every part, ``budget`` the work
+    of compiling each policy (an int, None for unbounded, or one per policy): servers pass their
+    request limits, so an over-large request is refused by the one compilation itself, as soon as a
+    limit is passed."""
+    vocabulary = guard_vocabulary(tokenizer, spec.format)
+    channel = channel_policy(spec)
     calls_possible = _calls_possible(channel)
-    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(policies)
-    if len(budgets) != len(policies):
-        raise PolicyError(f"budget: {len(budgets)} budgets for {len(policies)} policies")
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(spec.policies)
+    if len(budgets) != len(spec.policies):
+        raise PolicyError(f"budget: {len(budgets)} budgets for {len(spec.policies)} policies")
     parts = [compile_policy(channel, vocabulary, max_states=max_states)]
-    for item, item_budget in zip(policies, budgets):
+    for item, item_budget in zip(spec.policies, budgets):
         user = user_policy(item, calls_possible)
         if user is not None:
             parts.append(compile_policy(user, vocabulary, max_states=max_states, budget=item_budget))
-    parts.append(compile_policy(request_policy(conversation, conversation.encoded.nonce, leak_window, calls_possible),
-                                vocabulary, cache_dir=False, max_states=max_states))
-    return SafeLogitsProcessor(combine(parts), **telemetry_options)
+    parts.append(compile_policy(request_policy(spec, calls_possible), vocabulary, cache_dir=False,
+                                max_states=max_states))
+    return combine(parts)
 
 
-__all__ = ["DEFAULT_LEAK_WINDOW", "build_guard", "channel_policy", "user_policy", "static_policy", "request_policy",
+__all__ = ["DEFAULT_LEAK_WINDOW", "TOOL_CHOICES", "compile_guard", "channel_policy", "user_policy", "static_policy", "request_policy",
            "guard_vocabulary"]

@@ -230,12 +230,12 @@ def json_spelling(pattern: str, ignore_case: bool = False) -> str:
     :class:`ToolError` if no such content exists or the pattern uses a construct the automaton
     cannot express."""
     from ..automata.syntax import (
-        _Parser,  # parse() refuses empty-matching patterns: a string pattern may be one
+        parse_allowing_empty,  # a string pattern may match the empty string
     )
 
     try:
         regex.compile(pattern, regex.IGNORECASE if ignore_case else 0)
-        node = _strip_edge_anchors(_Parser(pattern, ignore_case, None).parse())
+        node = _strip_edge_anchors(parse_allowing_empty(pattern, ignore_case))
     except PatternError as exc:
         raise ToolError(f"string pattern {pattern!r}: {exc}") from None
     except regex.error as exc:

@@ -27,7 +27,6 @@ from typing import Optional
 
 import numpy as np
 
-from .. import __version__
 from ..policy.automaton import (
     DEFAULT_MAX_STATES,
     DEFAULT_WORK_BUDGET,
@@ -37,6 +36,7 @@ from ..policy.rules import Policy
 from ..tokens.token_automaton import build_token_automaton
 from ..tokens.trie import build_trie
 from ..tokens.vocabulary import Vocabulary, vocabulary_of
+from ..version import __version__
 from . import kernels
 
 TABLE_FORMAT = 6  # bump when the packed layout changes: old cache files are then ignored
@@ -59,6 +59,13 @@ class CompiledPolicy:
         self.eos_ids = tuple(sorted(vocabulary.eos_ids))
         self.n_components = kernels.n_components(blob)
         self.start_state = (0,) * self.n_components
+
+    @property
+    def component_rules(self) -> Optional[list]:
+        """For each component automaton, the indices (into ``policy.forbid``) of the rules it
+        enforces; None when not known (a combined policy)."""
+        members = self.stats.get("component_rules")
+        return members if members and len(members) == self.n_components else None
 
     def next_state(self, state: tuple, token_id: int) -> tuple:
         return tuple(int(kernels.next_state(self.blob, k, s, token_id)) for k, s in enumerate(state))

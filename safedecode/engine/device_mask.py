@@ -11,8 +11,9 @@ host → device only (from pinned memory, ``non_blocking``, when pinning is on).
 2. one small host → device copy of the row numbers, id counts and EOS columns;
 3. ``repeat_interleave`` (with ``output_size`` known on the host: no sync) gives the row index of
    every id, and one ``index_put_`` writes -inf;
-4. DESIGN §1 "never stuck": a guarded row whose entries are now all -inf gets its first EOS set to
-   0 — ``torch.where`` on the device, nothing read back.
+4. DESIGN §1 "never stuck" (the device form of :func:`~.kernels.restore_eos_if_stuck`): a guarded
+   row whose entries are now all -inf gets its first EOS set to 0 — ``torch.where`` on the device,
+   nothing read back.
 
 Invariants: only ever writes -inf, except that EOS restoration (the mask equals the CPU kernel's,
 including for state -1: every id but EOS); rows not passed are untouched; the result does not
@@ -33,9 +34,12 @@ import numba
 import numpy as np
 import torch
 
-from ..adapters.processor import _int_view
 from . import kernels
 from .compiled import CompiledPolicy
+
+_INT_VIEW = {torch.float16: (torch.int16, "float16"), torch.bfloat16: (torch.int16, "bfloat16"),
+             torch.float64: (torch.int64, "float64")}
+_NEG_INF32 = np.float32("-inf")
 
 DEFAULT_BUDGET_BYTES = 256 << 20  # cached id tensors per device; least recently used go first
 
@@ -146,6 +150,21 @@ def device_masks(device, pin_memory: Optional[bool] = None) -> DeviceMasks:
         return _shared[key]
 
 
+def int_view(scores: torch.Tensor):
+    """``(array, ninf)``: a numpy array sharing the memory of CPU logits the kernels can write, and
+    the value of -inf in it (float32 as is; float16, bfloat16 and float64 through a same-width
+    integer view and the bit pattern of -inf) — or None (another device, non-contiguous half
+    precision, or a tensor that requires grad)."""
+    if scores.device.type != "cpu" or scores.requires_grad:
+        return None
+    if scores.dtype == torch.float32:
+        return scores.numpy(), _NEG_INF32
+    if not scores.is_contiguous() or scores.dtype not in _INT_VIEW:
+        return None
+    int_dtype, name = _INT_VIEW[scores.dtype]
+    return scores.view(int_dtype).numpy(), kernels.NEG_INF_BITS[name]
+
+
 def mask_rows(logits: torch.Tensor, rows: Sequence[int], policies: Sequence[CompiledPolicy],
               states: Sequence[Sequence[int]], masks: Optional[DeviceMasks] = None) -> torch.Tensor:
     """Mask the given rows of ``logits`` in place (see :meth:`DeviceMasks.apply`); returns ``logits``.
@@ -154,7 +173,7 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], policies: Sequence[Comp
     view of their memory, one call per policy; anything else takes ``masks`` if it is on the
     logits' device, else :func:`device_masks` of that device. Both give the same mask.
     """
-    view = _int_view(logits)
+    view = int_view(logits)
     if view is None:
         if masks is None or masks.device != logits.device:
             masks = device_masks(logits.device)
@@ -175,4 +194,4 @@ def _mask_rows(blob, rows, states, logits, ninf):
     for i in range(len(rows)):
         for k in range(states.shape[1]):
             kernels.mask_row(blob, k, states[i, k], logits[rows[i]], ninf)
-        kernels._restore_eos_if_stuck(blob, logits[rows[i]], ninf)
+        kernels.restore_eos_if_stuck(blob, logits[rows[i]], ninf)

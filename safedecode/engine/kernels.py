@@ -186,8 +186,10 @@ def mask_row(blob, component, state, row, ninf):
 
 
 @numba.njit(cache=True)
-def _restore_eos_if_stuck(blob, row, ninf):
-    """DESIGN §1 "never stuck": if EOS is masked (by someone) and nothing else is left, unmask EOS."""
+def restore_eos_if_stuck(blob, row, ninf):
+    """The one EOS rule (DESIGN §1 "never stuck"): if EOS is masked (by anyone) and nothing else is
+    left, unmask the first EOS so the sequence ends. :class:`~.device_mask.DeviceMasks` applies the
+    same rule with tensor operations on accelerators."""
     eos = _seg(blob, _header(blob, 0), EOS_IDS)
     vocab = len(row)
     first = -1
@@ -214,8 +216,9 @@ def _same_prefix(a, b, n):
 
 
 @numba.njit(cache=True)
-def guard_step(blob, input_ids, history, tracker, logits, ninf):
-    """One decoding step for a batch: recognise the rows, advance their states, mask their logits.
+def guard_step(blob, input_ids, history, tracker, logits, ninf, apply_mask):
+    """One decoding step for a batch: recognise the rows, advance their states and, with
+    ``apply_mask``, mask their logits (otherwise ``logits`` is not touched).
 
     ``tracker[0] = [rows, length, prompt_length]`` of the previous call and ``tracker[1 + i, k]``
     is row ``i``'s state in component ``k`` (the policy's automaton is the product of its
@@ -261,8 +264,10 @@ def guard_step(blob, input_ids, history, tracker, logits, ninf):
         tracker[0, 2] = length
     tracker[0, 0] = batch
     tracker[0, 1] = length
+    if not apply_mask:
+        return not continuing
     for i in range(batch):
         for k in range(n_comp):
             mask_row(blob, k, tracker[1 + i, k], logits[i], ninf)
-        _restore_eos_if_stuck(blob, logits[i], ninf)
+        restore_eos_if_stuck(blob, logits[i], ninf)
     return not continuing

@@ -25,10 +25,10 @@ from typing import Optional
 import numba
 import numpy as np
 
-from .. import __version__
 from ..errors import SafeDecodeError
 from ..policy.automaton import DEFAULT_MAX_STATES, compile_components
 from ..policy.rules import Policy
+from ..version import __version__
 from . import kernels
 from .compiled import (
     CompiledPolicy,
@@ -39,7 +39,7 @@ from .compiled import (
 )
 
 
-class VerificationFailed(SafeDecodeError):
+class VerificationError(SafeDecodeError):
     """A counterexample: ``component``, token ``state``, ``token`` id and the ``text`` it yields."""
 
     def __init__(self, message: str, counterexample: dict):
@@ -70,13 +70,13 @@ def _kernel_next_states(blob, component, state, out):
 
 def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = None,
            max_states: int = DEFAULT_MAX_STATES, progress: bool = False) -> dict:
-    """Check every reachable state; return a certificate dict or raise :class:`VerificationFailed`."""
+    """Check every reachable state; return a certificate dict or raise :class:`VerificationError`."""
     start = time.perf_counter()
     vocabulary = vocabulary_of(tokenizer)
     compiled = compiled or compile_policy(policy, vocabulary, max_states=max_states)
     components = compile_components(policy, max_states=max_states)
     if len(components) != compiled.n_components:
-        raise VerificationFailed(f"the compiled policy has {compiled.n_components} components, the policy "
+        raise VerificationError(f"the compiled policy has {compiled.n_components} components, the policy "
                                  f"compiles to {len(components)}", {"components": len(components)})
     flat, offsets = flat_token_bytes(vocabulary)
     size = vocabulary.size
@@ -109,7 +109,7 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
             if not np.array_equal(masked, forbidden):
                 token = int(np.flatnonzero(masked != forbidden)[0])
                 kind = "masked but harmless (over-blocking)" if masked[token] else "allowed but creates a match (leak)"
-                raise VerificationFailed(
+                raise VerificationError(
                     f"component {k}, state {state}: token {token} is {kind}",
                     _counterexample(k, state, token, kind, vocabulary, members, witness))
             _kernel_next_states(compiled.blob, k, state, kernel_next)
@@ -124,7 +124,7 @@ def verify(policy: Policy, tokenizer, *, compiled: Optional[CompiledPolicy] = No
                     witness[successor] = (state, int(token))
                     queue.append(successor)
                 elif known != dest[token]:
-                    raise VerificationFailed(
+                    raise VerificationError(
                         f"component {k}, state {state}: token {int(token)} moves to state {successor}, which "
                         f"stands for DFA state {known}, but its bytes lead to DFA state {int(dest[token])}",
                         _counterexample(k, state, int(token), "wrong transition", vocabulary, members, witness))
@@ -153,8 +153,6 @@ def _counterexample(component, state, token, kind, vocabulary, members, witness)
         at, previous_token = witness[at]
         path.append(previous_token)
     path.reverse()
-    prefix = b"".join(vocabulary.token_bytes[t] or b"" for t in path)
-    data = vocabulary.token_bytes[token] or b""
     return {"component": component, "rules": members, "state": state, "token": token, "kind": kind,
-            "tokens_before": path, "text_before": prefix.decode("utf-8", "replace"),
-            "resulting_text": (prefix + data).decode("utf-8", "replace")}
+            "tokens_before": path, "text_before": vocabulary.text(path, final=True),
+            "resulting_text": vocabulary.text(path + [token], final=True)}

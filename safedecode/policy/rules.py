@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Literal, NamedTuple, Optional, Union
 
 import regex
 from pydantic import (
@@ -39,7 +39,7 @@ from pydantic import (
 
 from ..automata.syntax import parse, uses_assertion
 from ..errors import PolicyError, SafeDecodeError
-from ..resources import POLICY_ENV, catalogue, find, read_toml, suggest
+from ..resources import POLICY_ENV, catalogue, find, from_mapping, read_toml, suggest
 from .variants import literal_pattern, regex_pattern, validate_separators
 from .variants import validate as validate_variants
 
@@ -58,25 +58,36 @@ class _RuleBase(BaseModel):
         return regex.IGNORECASE if self.ignore_case else 0
 
 
-class LiteralRule(_RuleBase):
+class _VariantRule(_RuleBase):
+    """A rule that ``variants`` can widen (:mod:`safedecode.policy.variants`); ``separators`` narrows
+    the ``spacing`` variant to one character class."""
+
+    variants: tuple[str, ...] = ()
+    separators: Optional[str] = None
+    _literal: ClassVar[bool] = True  # which variants apply: a literal's, or a regex's
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _check_variants(cls, value: Any) -> tuple[str, ...]:
+        return validate_variants(value, literal=cls._literal)
+
+    @field_validator("separators")
+    @classmethod
+    def _check_separators(cls, value: Any, info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        if "spacing" not in info.data.get("variants", ()):
+            raise ValueError("separators narrow the 'spacing' variant; add variants = [\"spacing\", ...]")
+        return validate_separators(value)
+
+
+class LiteralRule(_VariantRule):
     """Forbid a literal phrase; ``whole_word`` wraps it in ``\\b…\\b``; ``variants`` (see
     :mod:`safedecode.policy.variants`) make ``pattern`` a generated regex that also matches look-alike,
     spaced-out, leet and encoded spellings."""
 
     literal: str = Field(min_length=1)
     whole_word: bool = False
-    variants: tuple[str, ...] = ()
-    separators: Optional[str] = None  # narrows the `spacing` variant: one character class
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _check_variants(cls, value: Any) -> tuple[str, ...]:
-        return validate_variants(value, literal=True)
-
-    @field_validator("separators")
-    @classmethod
-    def _check_separators(cls, value: Any, info: ValidationInfo) -> Optional[str]:
-        return _separators(value, info)
 
     @property
     def pattern(self) -> str:
@@ -86,36 +97,17 @@ class LiteralRule(_RuleBase):
         return rf"\b{escaped}\b" if self.whole_word else escaped
 
 
-class RegexRule(_RuleBase):
+class RegexRule(_VariantRule):
     """Forbid any match of a regex (the supported subset of the ``regex`` package's syntax);
     ``variants`` other than ``encodings`` expand its literal characters."""
 
     regex: str = Field(min_length=1)
-    variants: tuple[str, ...] = ()
-    separators: Optional[str] = None  # narrows the `spacing` variant: one character class
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _check_variants(cls, value: Any) -> tuple[str, ...]:
-        return validate_variants(value, literal=False)
-
-    @field_validator("separators")
-    @classmethod
-    def _check_separators(cls, value: Any, info: ValidationInfo) -> Optional[str]:
-        return _separators(value, info)
+    _literal: ClassVar[bool] = False
 
     @property
     def pattern(self) -> str:
         return (regex_pattern(self.regex, self.ignore_case, self.variants, self.separators) if self.variants
                 else self.regex)
-
-
-def _separators(value: Any, info: ValidationInfo) -> Optional[str]:
-    if value is None:
-        return None
-    if "spacing" not in info.data.get("variants", ()):
-        raise ValueError("separators narrow the 'spacing' variant; add variants = [\"spacing\", ...]")
-    return validate_separators(value)
 
 
 class BlockRule(_RuleBase):
@@ -313,12 +305,7 @@ def available_policies() -> dict[str, str]:
 
 def policy_from_mapping(data: Any, source: str = "<policy>") -> Policy:
     """Validate a plain mapping (parsed TOML/JSON) into a :class:`Policy`; errors start with ``source``."""
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}: a policy must be a table/object, got {type(data).__name__}")
-    try:
-        return Policy(**data)
-    except SafeDecodeError as exc:
-        raise PolicyError(f"{source}: {exc}") from None
+    return from_mapping(Policy, data, PolicyError, source, "a policy")
 
 
 class Violation(NamedTuple):

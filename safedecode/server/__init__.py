@@ -1,9 +1,9 @@
-"""Stage 6 — ``safedecode serve``: an OpenAI-compatible HTTP server whose every answer is guarded.
+"""Stage 7 — ``safedecode serve``: an OpenAI-compatible HTTP server whose every answer is guarded.
 
 Modules (each small, one job):
 
 * :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits; per-request
-  options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.adapters.wire`;
+  options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.integrations.wire`;
 * :mod:`.tool_models` — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
 * :mod:`.worker`   — the generation worker: one model, one generation at a time, streaming and
   cancellation, and the text that may be streamed;

@@ -9,7 +9,7 @@ trusted, messages marked untrusted and every ``tool`` message go into the conten
 result with source ``tool:<name>``), and the answer is generated under
 ``Conversation.guard(policy, tools, allow_hosts, tool_choice)``. A completion request (a raw
 prompt) is generated under the policy alone. The policy is the server's ``--policy`` plus whatever
-the request adds (:mod:`safedecode.adapters.wire`, the one wire format).
+the request adds (:mod:`safedecode.integrations.wire`, the one wire format).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): a bad request or
 policy → 400 with safedecode's own message, an unknown model → 404, a body over
@@ -34,11 +34,11 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from ..adapters.wire import REQUEST_LIMITS, PolicyTooLarge, RequestOptions
-from ..adapters.wire import parse as parse_options
 from ..channels.conversation import Conversation
 from ..channels.tools import ToolCallError, declare_tools, parse_tool_calls
 from ..errors import AutomatonTooLargeError, SafeDecodeError
+from ..integrations.wire import REQUEST_LIMITS, PolicyTooLargeError, RequestOptions
+from ..integrations.wire import parse as parse_options
 from ..policy.rules import Policy
 from .schemas import (
     DEFAULT_CHAT_TOKENS,
@@ -51,7 +51,7 @@ from .schemas import (
     CompletionRequest,
 )
 from .tool_models import call_json, tool_models
-from .worker import Busy, Engine, Job, Outcome, TextTracker
+from .worker import Engine, Job, Outcome, ServerBusyError, TextTracker
 
 
 class ApiError(Exception):
@@ -68,9 +68,9 @@ class ApiError(Exception):
     def of(cls, exc: Exception) -> "ApiError":
         if isinstance(exc, ApiError):
             return exc
-        if isinstance(exc, (PolicyTooLarge, AutomatonTooLargeError)):
+        if isinstance(exc, (PolicyTooLargeError, AutomatonTooLargeError)):
             return cls(413, str(exc))
-        if isinstance(exc, Busy):
+        if isinstance(exc, ServerBusyError):
             return cls(503, str(exc))
         if isinstance(exc, ToolCallError):  # impossible under the guard: a server fault, not the client's
             return cls(500, f"invalid tool call in the output: {exc}")
@@ -165,7 +165,8 @@ class Server:
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         from ..adapters.processor import SafeLogitsProcessor
-        from ..engine.compiled import compile_parts, vocabulary_of
+        from ..engine.compiled import compile_parts
+        from ..tokens.vocabulary import vocabulary_of
 
         options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
         if options.channel_options:

@@ -44,7 +44,7 @@ class _Sampling(_Body):
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: Optional[dict[str, Literal[0, 0.0]]] = None
-    # The per-request options (safedecode.adapters.wire, the one wire format): parsed there, so the server
+    # The per-request options (safedecode.integrations.wire, the one wire format): parsed there, so the server
     # and the vLLM plugin accept exactly the same forms and give the same errors.
     safedecode: Any = None
     vllm_xargs: Optional[dict[str, Any]] = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import codecs
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import SafeDecodeError
+from ..integrations.generation import finish_reason
 from ..policy.rules import Policy, find_violations
 
 
-class Busy(SafeDecodeError):
+class ServerBusyError(SafeDecodeError):
     """The queue is full (HTTP 503)."""
 
 
@@ -54,8 +54,8 @@ def load_model(spec: str = "default"):
 class TextTracker:
     """The generated text of one job, and how much of it may be sent so far.
 
-    ``text`` is the tokens' bytes decoded with ``errors="replace"`` and an incomplete tail held back
-    (DESIGN §1); it only grows. ``boundaries[k]`` is the text length after ``k`` tokens. ``stops``
+    ``text`` is the text of the tokens (DESIGN §1, :meth:`Vocabulary.decoder`: an incomplete tail is
+    held back); it only grows. ``boundaries[k]`` is the text length after ``k`` tokens. ``stops``
     end the generation at their first occurrence (the answer excludes them, as in OpenAI's API);
     ``pause`` (the tool-call tag) ends the streamable *content* where it first appears.
     """
@@ -65,7 +65,7 @@ class TextTracker:
         self.stops = tuple(stops or ())
         self.pause = pause
         self.policy = policy
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.decoder = vocabulary.decoder()
         self.text = ""
         self.boundaries = [0]
         self.tokens = 0
@@ -81,7 +81,7 @@ class TextTracker:
             self.eos = True
             return True
         before = len(self.text)
-        self.text += self.decoder.decode(self.vocabulary.token_bytes[token_id] or b"", final=False)
+        self.text += self.decoder.feed(token_id)
         self.boundaries.append(len(self.text))
         if self.pause and self.paused_at is None:
             found = self.text.find(self.pause, max(0, before - len(self.pause) + 1))
@@ -139,7 +139,7 @@ class Outcome:
     text: str            # the whole answer (tool calls included)
     content: str         # the answer before the first tool-call tag
     rest: str            # what a stream has not sent yet of ``content``
-    finish_reason: str   # "stop", "length", "content_filter" (guard failed closed) or "cancelled"
+    finish_reason: str   # one of FINISH_REASONS (integrations.generation.finish_reason), or "cancelled"
     prompt_tokens: int
     completion_tokens: int
     report: Optional[dict] = None  # blocked-mass telemetry, when the request asked for it
@@ -203,10 +203,10 @@ class Engine:
                 self.counters[key] += value
 
     def submit(self, job: Job) -> Job:
-        """Queue ``job`` (from the event loop); raises :class:`Busy` when ``max_queue`` jobs wait."""
+        """Queue ``job`` (from the event loop); raises :class:`ServerBusyError` when ``max_queue`` jobs wait."""
         with self._lock:
             if self.counters["queued"] >= self.max_queue:
-                raise Busy(f"{self.counters['queued']} requests are waiting; try again later")
+                raise ServerBusyError(f"{self.counters['queued']} requests are waiting; try again later")
             self.counters["queued"] += 1
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
@@ -289,11 +289,9 @@ class Engine:
         tracker = job.tracker
         if job.cancelled.is_set() and not (tracker.eos or tracker.stopped_at is not None):
             return "cancelled"
-        states = getattr(job.processor, "states", None)
-        telemetry = getattr(job.processor, "telemetry", None)
-        if (states and any(state < 0 for state in states[0])) or (telemetry is not None and telemetry.report()["stopped_early"]):
-            return "content_filter"
-        return "stop" if tracker.eos or tracker.stopped_at is not None else "length"
+        guides = job.processor.guides if job.processor is not None else []
+        return finish_reason(ended=tracker.eos or tracker.stopped_at is not None,
+                             stopped=bool(guides) and guides[0].is_stopped)
 
 
-__all__ = ["Engine", "Job", "Outcome", "TextTracker", "Busy", "load_model"]
+__all__ = ["Engine", "Job", "Outcome", "TextTracker", "ServerBusyError", "load_model"]

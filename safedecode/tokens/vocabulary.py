@@ -2,8 +2,9 @@
 
 The library's guarantee is only as good as this table, so its meaning is fixed:
 
-  * **The text of an output is the concatenation of its tokens' bytes, decoded as UTF-8 with
-    ``errors="replace"``.**  ``token_bytes[i]`` is exactly what token ``i`` contributes;
+  * **The text of an output is the concatenation of its tokens' bytes, decoded by :func:`text_of`
+    (UTF-8, U+FFFD for invalid bytes, an incomplete tail not yet a character).**  ``token_bytes[i]``
+    is exactly what token ``i`` contributes;
     ``None`` means it contributes no text (special/control tokens, EOS, ids without a token).
   * Every special id has ``token_bytes`` ``None``; every EOS id is special.
   * Ids in ``range(size)`` that name no token are ``None`` (never guessed).
@@ -47,7 +48,7 @@ from typing import Any
 
 from ..errors import VocabularyError
 
-__all__ = ["Vocabulary", "vocabulary_of", "qwen_vocabulary", "qwen_encoding", "END_OF_TURN_TOKENS"]
+__all__ = ["Vocabulary", "vocabulary_of", "text_of", "TextDecoder", "qwen_vocabulary", "qwen_encoding", "END_OF_TURN_TOKENS"]
 
 FAMILIES = ("byte_level", "sentencepiece", "tiktoken", "custom")
 
@@ -111,9 +112,70 @@ class Vocabulary:
     def __hash__(self) -> int:
         return hash(self.digest())
 
-    def text(self, ids) -> str:
-        """The text of a token-id sequence under this table's semantics."""
-        return b"".join(self.token_bytes[i] or b"" for i in ids).decode("utf-8", "replace")
+    def bytes_of(self, ids) -> bytes:
+        """The bytes a token-id sequence contributes (ids without text contribute none)."""
+        return b"".join(self.token_bytes[i] or b"" for i in ids)
+
+    def text(self, ids, final: bool = False) -> str:
+        """The text of a token-id sequence: :func:`text_of` its bytes."""
+        return text_of(self.bytes_of(ids), final)
+
+    def decoder(self) -> "TextDecoder":
+        """An incremental :func:`text_of` over this vocabulary's ids (for streaming)."""
+        return TextDecoder(self)
+
+
+def text_of(data: bytes, final: bool = False) -> str:
+    """The text of an output's bytes — the one decoding rule every part of the library uses
+    (DESIGN §1): UTF-8 where an invalid byte reads as U+FFFD, and an incomplete sequence at the very
+    end is not yet a character (it is dropped; with ``final=True`` it reads as U+FFFD, as a client
+    decoding the finished bytes with ``errors="replace"`` shows it).
+
+    "Incomplete" means a proper prefix of a well-formed sequence (Unicode Table 3-7), checked here
+    rather than by Python's incremental decoder, which also holds back prefixes that can never
+    complete (``b"\xed\xa0"``, a surrogate's) where the automata — and a client — see two U+FFFD."""
+    if not final:
+        data = data[:len(data) - incomplete_tail(data)]
+    return data.decode("utf-8", "replace")
+
+
+# Second-byte ranges that differ from 0x80-0xBF (Unicode Table 3-7, well-formed UTF-8).
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` are a proper prefix of a well-formed UTF-8 sequence
+    (0 to 3): the bytes that are not yet a character."""
+    for k in range(1, min(3, len(data)) + 1):
+        lead = data[-k]
+        if 0x80 <= lead <= 0xBF:
+            continue  # a continuation byte: the lead is further back
+        need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+        if need <= k:  # ASCII, an invalid lead, or a sequence already long enough
+            return 0
+        if k > 1:
+            lo, hi = _SECOND_BYTE.get(lead, (0x80, 0xBF))
+            if not lo <= data[-k + 1] <= hi:
+                return 0
+        return k
+    return 0
+
+
+class TextDecoder:
+    """:func:`text_of` incrementally: :meth:`feed` one id at a time and get the text it adds. The
+    concatenated results always equal ``vocabulary.text(ids)`` of the ids fed so far (bytes that
+    are not a prefix of a well-formed sequence never depend on what follows, so they can be decoded
+    as soon as they are known)."""
+
+    def __init__(self, vocabulary: Vocabulary):
+        self.vocabulary = vocabulary
+        self._pending = b""
+
+    def feed(self, token_id: int) -> str:
+        data = self._pending + (self.vocabulary.token_bytes[token_id] or b"")
+        complete = len(data) - incomplete_tail(data)
+        self._pending = data[complete:]
+        return data[:complete].decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- HF tokenizers

@@ -6,7 +6,6 @@ generated tokens' bytes, concatenated and decoded as UTF-8 with replacement (DES
 """
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -14,9 +13,9 @@ from typing import Any, Optional, Union
 import torch
 from transformers import LogitsProcessorList
 
+from ..adapters.processor import SafeLogitsProcessor
 from ..engine.compiled import CompiledPolicy
 from ..policy.rules import Policy, load_policy
-from .processor import SafeLogitsProcessor
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -27,7 +26,7 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS / end of turn), "length" (max_new_tokens) or "guard" (failed closed)
+    finish_reason: str  # one of FINISH_REASONS (see finish_reason)
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: list = field(default_factory=list)  # validated pydantic instances (Conversation + tools)
     report: Optional[dict] = None  # blocked-mass telemetry (telemetry=True): see safedecode.adapters.telemetry
@@ -150,32 +149,36 @@ def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwa
     prompt_length = encoded["input_ids"].shape[1]
     vocabulary = processor.compiled.vocabulary
     num_return = kwargs.get("num_return_sequences", 1)
-    states = processor.states
+    guides = processor.guides
     results = []
     telemetry = processor.telemetry
     for row, sequence in enumerate(output[:, prompt_length:].tolist()):
         report = telemetry.report(row) if telemetry is not None else None
-        stopped = report is not None and report["stopped_early"]
-        results.append(_result(sequence, vocabulary, kwargs["max_new_tokens"],
-                               guard_failed=stopped or (row < len(states) and any(s < 0 for s in states[row]))))
+        results.append(_result(sequence, vocabulary, stopped=row < len(guides) and guides[row].is_stopped))
         results[-1].report = report
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]
     return results
 
 
-def _result(sequence: list[int], vocabulary, max_new_tokens: int, guard_failed: bool) -> GenerationResult:
-    """Cut at the first EOS and decode the tokens' bytes (special tokens contribute none)."""
+def _result(sequence: list[int], vocabulary, stopped: bool) -> GenerationResult:
+    """Cut at the first EOS and take the text of the ids before it (DESIGN §1)."""
     kept = []
-    finish = "length"
     for token in sequence:
         if token in vocabulary.eos_ids:
-            finish = "stop"
             break
         kept.append(token)
-    if guard_failed:
-        finish = "guard"
-    data = b"".join(vocabulary.token_bytes[t] or b"" for t in kept)
-    # DESIGN §1: an incomplete UTF-8 sequence at the very end is not (yet) a character.
-    text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
-    return GenerationResult(text=text, token_ids=kept, finish_reason=finish)
+    return GenerationResult(text=vocabulary.text(kept), token_ids=kept,
+                            finish_reason=finish_reason(ended=len(kept) < len(sequence), stopped=stopped))
+
+
+FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
+
+
+def finish_reason(*, ended: bool, stopped: bool) -> str:
+    """Why a generation ended, in OpenAI's vocabulary (the one :func:`generate` and the server use):
+    ``"content_filter"`` when the guard failed closed (a forbidden token got through another
+    processor, or telemetry's early stop: the row could only end), else ``"stop"`` when it ended by
+    itself (EOS, end of turn, a stop string), else ``"length"``. The server answers
+    ``"tool_calls"`` when the answer holds tool calls."""
+    return "content_filter" if stopped else "stop" if ended else "length"

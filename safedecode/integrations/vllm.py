@@ -31,13 +31,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import numba
-import numpy as np
 import torch
 
-from ..engine import kernels
 from ..engine.compiled import compile_parts, compile_policy
-from ..engine.device_mask import device_masks, mask_rows
+from ..engine.device_mask import device_masks
+from ..engine.guide import Guide, advance_guides, mask_guides
 from ..policy.rules import Policy
 from .options import request_options, request_policy
 from .wire import REQUEST_LIMITS
@@ -59,60 +57,33 @@ _FAIL_CLOSED = Policy(forbid=[{"literal": "\x00", "id": "safedecode-fail-closed"
 
 
 class _Row:
-    """One guarded request: its compiled policy, its live output list, how many of its ids were
-    read (``consumed``) and the automaton state after them."""
+    """One guarded request: its :class:`Guide`, its live output list, and how many of its ids the
+    guide has read (``consumed``)."""
 
-    __slots__ = ("compiled", "output", "consumed", "state")
+    __slots__ = ("guide", "output", "consumed")
 
-    def __init__(self, compiled, output: list, state: Optional[tuple] = None):
-        self.compiled, self.output, self.consumed = compiled, output, 0
-        self.state = compiled.start_state if state is None else state
+    def __init__(self, guide: Guide, output: list):
+        self.guide, self.output, self.consumed = guide, output, 0
 
 
-def _advance(rows: list[_Row]) -> list[tuple]:
-    """Each row's state after the ids appended to its output since the last call (one numba call
+def _advance(rows: list[_Row]) -> list[Guide]:
+    """Each row's guide after the ids appended to its output since the last call (one numba call
     per policy). A negative id is a placeholder for a token not known yet (vLLM async scheduling):
-    it is not consumed, and the row fails closed this step (its returned state is all -1)."""
-    unknown = set()
-    for compiled, group in _by_policy(rows):
-        tokens, starts = [], [0]
-        for i, row in group:
-            if len(row.output) < row.consumed:  # the engine rewrote the list: start over
-                row.consumed, row.state = 0, compiled.start_state
-            tokens += row.output[row.consumed:]
-            starts.append(len(tokens))
-        if len(tokens) == 0:
-            continue
-        states = np.array([row.state for _, row in group], dtype=np.int32)
-        read = _walk_rows(compiled.blob, states, np.array(tokens, dtype=np.int64), np.array(starts, dtype=np.int64))
-        for (i, row), state, n, start, end in zip(group, states, read, starts, starts[1:]):
-            row.state, row.consumed = tuple(state.tolist()), row.consumed + int(n)
-            if start + n < end:
-                unknown.add(i)
-    return [(-1,) * len(row.state) if i in unknown else row.state for i, row in enumerate(rows)]
-
-
-def _by_policy(rows: list[_Row]):
-    """``(compiled policy, [(position, row), ...])`` for each policy among ``rows``."""
-    groups: dict[int, tuple] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(id(row.compiled), (row.compiled, []))[1].append((i, row))
-    return groups.values()
-
-
-@numba.njit(cache=True)
-def _walk_rows(blob, states, tokens, starts):
-    """Advance ``states[i]`` over ``tokens[starts[i]:starts[i + 1]]`` in place, stopping before a
-    negative id; returns how many ids of each row were read."""
-    read = np.zeros(len(states), np.int64)
-    for i in range(len(states)):
-        for j in range(starts[i], starts[i + 1]):
-            if tokens[j] < 0:
-                break
-            for k in range(states.shape[1]):
-                states[i, k] = kernels.next_state(blob, k, states[i, k], tokens[j])
-            read[i] += 1
-    return read
+    it is not consumed, and the row fails closed this step (a stopped copy of its guide is returned)."""
+    for row in rows:
+        if len(row.output) < row.consumed:  # the engine rewrote the list: start over
+            row.consumed, row.guide = 0, Guide(row.guide.compiled)
+    new = [row.output[row.consumed:] for row in rows]
+    read = advance_guides([row.guide for row in rows], new)
+    guides = []
+    for row, ids, n in zip(rows, new, read):
+        row.consumed += n
+        guide = row.guide
+        if n < len(ids):
+            guide = guide.copy()
+            guide.stop()
+        guides.append(guide)
+    return guides
 
 
 class SafeDecodeLogitsProcessor(_Base):
@@ -165,8 +136,7 @@ class SafeDecodeLogitsProcessor(_Base):
         """Mask every guarded row in place for its current state; other rows are untouched."""
         if not self._rows:
             return logits
-        guarded = list(self._rows.values())
-        return mask_rows(logits, list(self._rows), [r.compiled for r in guarded], _advance(guarded), self._masks)
+        return mask_guides(logits, list(self._rows), _advance(list(self._rows.values())), self._masks)
 
     @property
     def tokenizer(self):
@@ -186,8 +156,9 @@ class SafeDecodeLogitsProcessor(_Base):
             options = request_options(getattr(params, "extra_args", None))
             compiled = compile_parts(list(options.parts), self.tokenizer, budgets=options.budgets,
                                      max_states=REQUEST_LIMITS.max_states)
-            return None if compiled is None else _Row(compiled, output)
+            return None if compiled is None else _Row(Guide(compiled), output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed
             _log.error("safedecode: request fails closed (it can only end): %s", exc)
-            compiled = compile_policy(_FAIL_CLOSED, self.tokenizer)
-            return _Row(compiled, output, state=(-1,) * compiled.n_components)
+            guide = Guide(compile_policy(_FAIL_CLOSED, self.tokenizer))
+            guide.stop()
+            return _Row(guide, output)

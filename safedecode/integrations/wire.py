@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import PolicyError
 from ..policy.automaton import SERVER_WORK_BUDGET
 from ..policy.rules import LiteralRule, Policy, named_policy, policy_from_mapping
-from ..resources import suggest
+from ..resources import parse_json, suggest
 
 #: The key of the options object, and the prefix of the flat keys.
 KEY = "safedecode"
@@ -41,7 +41,7 @@ KEY = "safedecode"
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may make a server compile. Over a limit: :class:`PolicyTooLarge` (HTTP 413)."""
+    """What one request may make a server compile. Over a limit: :class:`PolicyTooLargeError` (HTTP 413)."""
 
     max_policy_bytes: int = 64 << 10   # an inline policy's canonical JSON
     max_rules: int = 1000              # rules of all the request's policies together
@@ -55,7 +55,7 @@ class Limits:
 REQUEST_LIMITS = Limits()
 
 
-class PolicyTooLarge(PolicyError):
+class PolicyTooLargeError(PolicyError):
     """A request's policy is over one of the :class:`Limits` (HTTP 413)."""
 
 
@@ -133,10 +133,10 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
     requested = [p for p, _ in found]
     rules = sum(len(p.forbid) for p in requested)
     if rules > limits.max_rules:
-        raise PolicyTooLarge(f"the request's policies have {rules} rules; the limit is {limits.max_rules}")
+        raise PolicyTooLargeError(f"the request's policies have {rules} rules; the limit is {limits.max_rules}")
     regexes = sum(not isinstance(rule, LiteralRule) for p in requested for rule in p.forbid)
     if regexes > limits.max_regexes:
-        raise PolicyTooLarge(f"the request's policies have {regexes} regex/block rules; the limit is "
+        raise PolicyTooLargeError(f"the request's policies have {regexes} regex/block rules; the limit is "
                              f"{limits.max_regexes}")
     named = list(dict.fromkeys(p for p, inline in found if not inline))
     inline = merge([p for p, is_inline in found if is_inline])
@@ -180,14 +180,9 @@ def _decode(value: Any, key: str, *, name_is_policy: bool, comma_list: bool = Fa
 
 def _loads(text: str, key: str) -> Any:
     if len(text) > REQUEST_LIMITS.max_policy_bytes * 4:
-        raise PolicyTooLarge(f"{key}: {len(text)} characters of JSON text; the limit is "
+        raise PolicyTooLargeError(f"{key}: {len(text)} characters of JSON text; the limit is "
                              f"{REQUEST_LIMITS.max_policy_bytes * 4}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PolicyError(f"{key}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise PolicyError(f"{key}: not valid JSON: nested too deeply") from None
+    return parse_json(text, PolicyError, key)
 
 
 def _object(value: Any, where: str) -> SafedecodeOptions:
@@ -226,11 +221,11 @@ def _policies(spec: Any, limits: Limits) -> list[tuple[Policy, bool]]:
             raise PolicyError(f"policy: an inline policy must be plain JSON data, not too deeply nested "
                               f"({type(exc).__name__})") from None
         if len(canonical.encode("utf-8")) > limits.max_policy_bytes:
-            raise PolicyTooLarge(f"policy: {len(canonical.encode('utf-8'))} bytes of inline policy; the limit "
+            raise PolicyTooLargeError(f"policy: {len(canonical.encode('utf-8'))} bytes of inline policy; the limit "
                                  f"is {limits.max_policy_bytes}")
         rules = spec.get("forbid")
         if isinstance(rules, list) and len(rules) > limits.max_rules:
-            raise PolicyTooLarge(f"policy: {len(rules)} rules; the limit is {limits.max_rules}")
+            raise PolicyTooLargeError(f"policy: {len(rules)} rules; the limit is {limits.max_rules}")
         return [(_inline(canonical), True)]
     raise PolicyError(f"policy: expected a name, an inline policy object, its JSON text or a list, "
                       f"got {type(spec).__name__}")
@@ -241,5 +236,5 @@ def _inline(canonical: str) -> Policy:
     return policy_from_mapping(json.loads(canonical), source="policy")
 
 
-__all__ = ["KEY", "FIELDS", "FLAT", "Limits", "REQUEST_LIMITS", "PolicyTooLarge", "SafedecodeOptions",
+__all__ = ["KEY", "FIELDS", "FLAT", "Limits", "REQUEST_LIMITS", "PolicyTooLargeError", "SafedecodeOptions",
            "RequestOptions", "parse", "merge"]
