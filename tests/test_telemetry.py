@@ -8,6 +8,7 @@ import torch
 
 import safedecode
 from safedecode import Policy, SafeLogitsProcessor
+from safedecode.integrations.generation import FINISH_REASONS
 
 POLICY = Policy(forbid=[{"literal": "password", "id": "pw"}, {"regex": r"\d{4}-\d{4}", "id": "card"}])
 
@@ -62,6 +63,9 @@ def test_sustained_pressure_ends_the_row(smollm2_tokenizer):
     allowed = torch.nonzero(~torch.isneginf(outs[-1])).flatten().tolist()
     assert allowed == [eos]  # fail closed: only EOS is left
     assert processor.telemetry.report()["stopped_early"]
+    assert processor.guides[0].is_stopped  # the row's guide holds the stop: later steps stay closed
+    _, later = step(processor, smollm2_tokenizer, prefix + [prefix[-1]] * 3, ids_of(smollm2_tokenizer, "hello"))
+    assert torch.nonzero(~torch.isneginf(later[0])).flatten().tolist() == [eos]
     assert int((~torch.isneginf(outs[0])).sum()) > 1000  # the first steps were not cut
 
 
@@ -92,3 +96,14 @@ def test_generate_reports_telemetry(smollm2_model):
         result.finish_reason == "stop")
     assert " the " not in result.text
     assert result.report["blocked_steps"] >= 1 and result.report["rules"] == ["the"]
+
+
+def test_an_early_stop_finishes_as_content_filter(smollm2_model):
+    """The one finish-reason vocabulary: a row the guard ended is "content_filter", as in the server."""
+    model, tokenizer = smollm2_model
+    policy = Policy(forbid=[{"literal": " the ", "id": "the"}])
+    result = safedecode.generate(model, tokenizer, [{"role": "user", "content": "Describe the sun in one sentence."}],
+                                 policy, max_new_tokens=16, stop_threshold=1e-6, stop_after=1)
+    assert result.report["stopped_early"] and result.finish_reason == "content_filter"
+    assert result.finish_reason in FINISH_REASONS
+    assert len(result.token_ids) < 16  # it ended: only EOS was left

@@ -153,13 +153,13 @@ def device_masks(device, pin_memory: Optional[bool] = None) -> DeviceMasks:
 def int_view(scores: torch.Tensor):
     """``(array, ninf)``: a numpy array sharing the memory of CPU logits the kernels can write, and
     the value of -inf in it (float32 as is; float16, bfloat16 and float64 through a same-width
-    integer view and the bit pattern of -inf) — or None (another device, non-contiguous half
-    precision, or a tensor that requires grad)."""
-    if scores.device.type != "cpu" or scores.requires_grad:
+    integer view and the bit pattern of -inf) — or None (another device, a non-contiguous tensor
+    or one that requires grad: :class:`DeviceMasks` masks those)."""
+    if scores.device.type != "cpu" or scores.requires_grad or not scores.is_contiguous():
         return None
     if scores.dtype == torch.float32:
         return scores.numpy(), _NEG_INF32
-    if not scores.is_contiguous() or scores.dtype not in _INT_VIEW:
+    if scores.dtype not in _INT_VIEW:
         return None
     int_dtype, name = _INT_VIEW[scores.dtype]
     return scores.view(int_dtype).numpy(), kernels.NEG_INF_BITS[name]
