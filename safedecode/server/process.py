@@ -21,17 +21,19 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(*args: str, log: Optional[Path] = None, timeout: float = 300,
-                   program: Sequence[str] = (sys.executable, "-m", "safedecode"),
+                   program: Sequence[str] = (sys.executable, "-m", "safedecode", "serve"),
                    cwd: Optional[Path] = None, env: Optional[dict] = None) -> Iterator[str]:
-    """Yield the base URL (``http://127.0.0.1:PORT``) of ``safedecode serve ARGS`` once ``/health``
-    answers; stop the process on exit. ``program`` is the command that runs the CLI (another
-    environment's ``bin/safedecode``, say), started in ``cwd`` with ``env`` (default: this process's). The server's output goes to ``log``
-    (default: discarded). Raises RuntimeError (with the log's tail) if it exits or does not answer
-    within ``timeout``."""
+    """Yield the base URL (``http://127.0.0.1:PORT``) of ``PROGRAM --port PORT ARGS`` (default:
+    ``safedecode serve``) once ``/health`` answers; stop the process on exit. ``program`` is the
+    command that starts an OpenAI-compatible server (another environment's ``bin/safedecode serve``,
+    vLLM's ``api_server``), started in ``cwd`` with ``env`` (default: this process's). The server's
+    output goes to ``log`` (default: discarded). Raises RuntimeError (with the log's tail) if it
+    exits or does not answer within ``timeout``."""
     port = free_port()
     env = dict(os.environ if env is None else env, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = [*program, "serve", "--port", str(port), *args]
+    command = [*program, "--port", str(port), *args]
+    name = " ".join(Path(part).name for part in program[-2:])
     with open(log or os.devnull, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
@@ -40,9 +42,9 @@ def running_server(*args: str, log: Optional[Path] = None, timeout: float = 300,
         while not _healthy(base):
             tail = log.read_text(errors="replace")[-3000:] if log else ""
             if process.poll() is not None:
-                raise RuntimeError(f"safedecode serve exited with {process.returncode}:\n{tail}")
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"safedecode serve did not answer /health within {timeout:.0f} s:\n{tail}")
+                raise RuntimeError(f"{name} did not answer /health within {timeout:.0f} s:\n{tail}")
             time.sleep(0.5)
         yield base
     finally:
