@@ -27,7 +27,7 @@ from safedecode.server.process import running_server
 from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
 
 MAX_POLICY_RULES = REQUEST_LIMITS.max_rules
-from safedecode.server.tool_models import ToolError, tool_models
+from safedecode.channels.tool_schemas import ToolError, tool_models
 
 MODEL = "SmolLM2-135M-Instruct"
 PASSWORD = {"forbid": [{"literal": "hunter2", "id": "pw"}]}

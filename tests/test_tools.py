@@ -179,7 +179,7 @@ def test_parse_tool_calls_checks_from_trusted_at_any_depth():
 
 def test_server_tools_with_from_trusted_in_nested_objects_and_arrays():
     from safedecode.server.schemas import ToolDef
-    from safedecode.server.tool_models import tool_models
+    from safedecode.channels.tool_schemas import tool_models
 
     params = {"type": "object", "required": ["to"], "properties": {
         "to": {"type": "object", "required": ["addr"], "properties": {

@@ -19,13 +19,15 @@ arguments, not part of the spec.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import PolicyError
 from ..policy.rules import Policy
-from .chat_format import ChatFormat
-from .tools import declare_tools
+from .chat_format import ChatFormat, detect_chat_format, load_chat_format
+from .tool_schemas import tool_models
+from .tools import ToolError, declare_tools
 
 DEFAULT_LEAK_WINDOW = 24
 TOOL_CHOICES = ("auto", "required", "none")
@@ -63,6 +65,32 @@ class GuardSpec:
         object.__setattr__(self, "tools", declare_tools(self.tools.values() if isinstance(self.tools, dict)
                                                         else self.tools))
         object.__setattr__(self, "policies", _policies(self.policies))
+
+    def to_wire(self, tool_definitions: Optional[list] = None) -> dict:
+        """This spec as per-request options of the wire format (``{"guard": {...}, "allow_hosts":
+        [...], "leak_window": n}``; add ``"policy"`` for the policies). Tools travel as the OpenAI
+        function definitions they were built from (``tool_definitions``): a spec with tools and
+        without their definitions cannot be sent."""
+        if self.tools and not tool_definitions:
+            raise ToolError("a guard spec with tools goes on the wire with their OpenAI function definitions "
+                            "(tool_definitions=...)")
+        guard = {"nonce": self.nonce, "chat_format": self.format.name, "system_text": self.system_text,
+                 "trusted_text": self.trusted_text, "tools": list(tool_definitions or []),
+                 "tool_choice": self.tool_choice}
+        return {"guard": guard, "allow_hosts": list(self.allow_hosts), "leak_window": self.leak_window}
+
+    @classmethod
+    def from_wire(cls, guard: Mapping[str, Any], tokenizer, *, allow_hosts=(), leak_window: Optional[int] = None,
+                  policies=()) -> "GuardSpec":
+        """The spec a wire-format ``guard`` object describes (validated by
+        :class:`safedecode.integrations.wire.GuardOptions`): its chat format by name (detected from
+        ``tokenizer`` when none is named), its tools built from their OpenAI definitions."""
+        name = guard.get("chat_format")
+        chat_format = load_chat_format(name) if name else detect_chat_format(tokenizer)
+        return cls(format=chat_format, nonce=guard["nonce"], system_text=guard.get("system_text", ""),
+                   trusted_text=guard.get("trusted_text", ""), tools=tool_models(guard.get("tools") or []),
+                   allow_hosts=tuple(allow_hosts), tool_choice=guard.get("tool_choice", "auto"),
+                   leak_window=DEFAULT_LEAK_WINDOW if leak_window is None else leak_window, policies=policies)
 
 
 def _policies(value: Any) -> tuple:

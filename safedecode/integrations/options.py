@@ -1,6 +1,6 @@
 """Adapters for serving engines.
 
-A request's options follow the one wire format of :mod:`safedecode.adapters.wire`, shared with
+A request's options follow the one wire format of :mod:`safedecode.integrations.wire`, shared with
 ``safedecode serve``: ``extra_args={"safedecode": {...}}`` (``SamplingParams``), or online
 ``vllm_xargs={"safedecode": NAME | JSON text}`` and the flat ``safedecode_*`` keys. Fail closed:
 anything not understood, and any option an adapter cannot honour, raises ``ValueError`` naming it,
@@ -13,9 +13,11 @@ from typing import Any, Mapping, Optional
 from ..policy.rules import Policy
 from .wire import REQUEST_LIMITS, RequestOptions, parse
 
-#: Options of the wire format the engine-level plugins cannot honour yet: they need the chat
-#: conversation (channels) or a response field. Asked for, they are refused, never dropped.
-UNSUPPORTED_IN_PLUGINS = ("allow_hosts", "untrusted", "leak_window", "report", "stop_threshold")
+#: Options of the wire format the engine-level plugins cannot honour: a response field, or message
+#: indices (the plugin sees token ids). Asked for, they are refused, never dropped. ``allow_hosts``
+#: and ``leak_window`` belong to a ``guard`` (the conversation's channel guard as data).
+UNSUPPORTED_IN_PLUGINS = ("untrusted", "report", "stop_threshold")
+NEED_A_GUARD = ("allow_hosts", "leak_window")
 
 
 def request_policy(extra_args: Optional[Mapping[str, Any]]) -> Optional[Policy]:
@@ -36,6 +38,10 @@ def request_options(extra_args: Optional[Mapping[str, Any]]) -> RequestOptions:
     asked = [name for name in UNSUPPORTED_IN_PLUGINS
              if getattr(options, name) not in (None, False, (), frozenset())]
     if asked:
-        raise ValueError(f"extra_args: {', '.join(asked)}: not supported by the vLLM plugin (it enforces "
-                         f"policies only; use safedecode serve for the channel guard)")
+        raise ValueError(f"extra_args: {', '.join(asked)}: not supported by the vLLM plugin (it sees token "
+                         f"ids, not messages or responses; use safedecode serve as the gateway)")
+    loose = [name for name in NEED_A_GUARD if getattr(options, name) not in (None, ())]
+    if loose and options.guard is None:
+        raise ValueError(f"extra_args: {', '.join(loose)}: part of the channel guard; send them with a "
+                         f"'guard' object (GuardSpec.to_wire())")
     return options

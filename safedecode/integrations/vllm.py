@@ -50,11 +50,15 @@ from typing import Any, Optional
 
 import torch
 
+from ..channels.chat_format import load_chat_format
+from ..channels.guard import compile_guard
+from ..channels.spec import GuardSpec
+from ..channels.tool_schemas import tool_models
 from ..engine.compiled import compile_parts, compile_policy
 from ..engine.device_mask import device_masks
 from ..engine.guide import Guide, mask_guides, step_guides
 from ..policy.rules import Policy
-from .options import request_options, request_policy
+from .options import request_options
 from .wire import REQUEST_LIMITS
 
 _log = logging.getLogger(__name__)
@@ -106,8 +110,16 @@ class SafeDecodeLogitsProcessor(*_BASES):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Raise ``ValueError`` naming the problem if the request's safedecode config is invalid."""
-        request_policy(getattr(sampling_params, "extra_args", None))
+        """Raise ``ValueError`` naming the problem if the request's safedecode config is invalid
+        (including a guard's chat format and tool definitions)."""
+        options = request_options(getattr(sampling_params, "extra_args", None))
+        if options.guard is not None:
+            try:
+                if options.guard.chat_format:
+                    load_chat_format(options.guard.chat_format)
+                tool_models(options.guard.tools)
+            except ValueError as exc:
+                raise type(exc)(f"extra_args: guard: {exc}") from None
 
     def __init__(self, vllm_config: Any, device_or_states: Any, is_pin_memory: bool = False, *, tokenizer=None):
         self._vllm_config = vllm_config
@@ -231,8 +243,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
         """The row state of a newly added request, or None when it has no safedecode config."""
         try:
             options = request_options(getattr(params, "extra_args", None))
-            compiled = compile_parts(list(options.parts), self.tokenizer, budgets=options.budgets,
-                                     max_states=REQUEST_LIMITS.max_states)
+            if options.guard is not None:  # the conversation's channel guard, as Conversation.guard builds it
+                spec = GuardSpec.from_wire(options.guard.model_dump(), self.tokenizer, allow_hosts=options.allow_hosts,
+                                           leak_window=options.leak_window, policies=options.parts)
+                compiled = compile_guard(spec, self.tokenizer, max_states=REQUEST_LIMITS.max_states,
+                                         budget=list(options.budgets))
+            else:
+                compiled = compile_parts(list(options.parts), self.tokenizer, budgets=options.budgets,
+                                         max_states=REQUEST_LIMITS.max_states)
             return None if compiled is None else _Row(Guide(compiled), output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed
             _log.error("safedecode: request fails closed (it can only end): %s", exc)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,12 +59,30 @@ class PolicyTooLargeError(PolicyError):
     """A request's policy is over one of the :class:`Limits` (HTTP 413)."""
 
 
+class GuardOptions(BaseModel):
+    """The ``guard`` object: a conversation's channel guard as data (a
+    :class:`~safedecode.channels.spec.GuardSpec` on the wire, see
+    :meth:`GuardSpec.to_wire <safedecode.channels.spec.GuardSpec.to_wire>`), for engines that
+    receive token ids built elsewhere (the vLLM plugin behind a gateway). ``allow_hosts``,
+    ``leak_window`` and ``policy`` stay the top-level options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nonce: str = Field(min_length=8, max_length=128)
+    chat_format: Optional[str] = Field(default=None, max_length=128)  # a channels/ name; None: detected
+    system_text: str = Field(default="", max_length=64 << 10)
+    trusted_text: str = Field(default="", max_length=256 << 10)
+    tools: list[dict] = Field(default_factory=list, max_length=128)  # OpenAI function definitions
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+
+
 class SafedecodeOptions(BaseModel):
     """The ``safedecode`` object: the one schema of per-request options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: Union[str, dict, list[Union[str, dict]], None] = None
+    guard: Optional[GuardOptions] = None
     allow_hosts: list[str] = Field(default_factory=list, max_length=256)
     untrusted: list[int] = Field(default_factory=list)
     leak_window: Optional[int] = None
@@ -91,6 +109,7 @@ class RequestOptions:
     leak_window: Optional[int] = None
     report: bool = False
     stop_threshold: Optional[float] = None
+    guard: Optional[GuardOptions] = None
 
     @property
     def channel_options(self) -> list[str]:
@@ -126,6 +145,9 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
                               f"{', '.join(map(repr, [KEY, *FLAT]))}")
     if flat:
         parts.append(_object(flat, "safedecode_*"))
+    guards = [o.guard for o in parts if o.guard is not None]
+    if len(guards) > 1:
+        raise PolicyError("guard given twice: a request has one conversation")
     windows = {o.leak_window for o in parts if o.leak_window is not None}
     if len(windows) > 1:
         raise PolicyError(f"leak_window given twice with different values: {sorted(windows)}")
@@ -149,7 +171,8 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
                           leak_window=windows.pop() if windows else None,
                           report=any(o.report for o in parts),
                           stop_threshold=min((o.stop_threshold for o in parts if o.stop_threshold is not None),
-                                             default=None))
+                                             default=None),
+                          guard=guards[0] if guards else None)
 
 
 def merge(policies: list[Optional[Policy]]) -> Optional[Policy]:

@@ -4,7 +4,7 @@ Modules (each small, one job):
 
 * :mod:`.schemas`  — the request bodies (pydantic) and the documented size limits; per-request
   options (``safedecode`` / ``vllm_xargs``) follow the one wire format of :mod:`safedecode.integrations.wire`;
-* :mod:`.tool_models` — OpenAI function definitions (JSON schema) → pydantic tool models for the guard;
+* (tool definitions become pydantic models in :mod:`safedecode.channels.tool_schemas`);
 * :mod:`.worker`   — the generation worker: one model, one generation at a time, streaming and
   cancellation, and the text that may be streamed;
 * :mod:`.app`      — the FastAPI application (endpoints, errors, server-sent events) and :func:`serve`.

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from ..channels.conversation import Conversation
+from ..channels.tool_schemas import call_json, tool_models
 from ..channels.tools import ToolCallError, declare_tools, parse_tool_calls
 from ..errors import AutomatonTooLargeError, SafeDecodeError
 from ..integrations.wire import REQUEST_LIMITS, PolicyTooLargeError, RequestOptions
@@ -50,7 +51,6 @@ from .schemas import (
     ChatRequest,
     CompletionRequest,
 )
-from .tool_models import call_json, tool_models
 from .worker import Engine, Job, Outcome, ServerBusyError, TextTracker
 
 

@@ -1,4 +1,6 @@
-"""OpenAI function definitions (JSON schema) → pydantic tool models for :meth:`Conversation.guard`.
+"""OpenAI function definitions (JSON schema) → pydantic tool models for the guard, and back.
+
+Used by ``safedecode serve`` (request ``tools``) and by guard specs on the wire (the vLLM plugin).
 
 The guard takes tools as pydantic classes (:mod:`safedecode.channels.tools`); this module builds them with
 ``pydantic.create_model`` from the common JSON-schema subset: an ``object`` with ``properties`` of
@@ -21,8 +23,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..channels.tools import FromTrusted, ToolError
-from .schemas import ToolDef
+from .tools import FromTrusted, ToolError
 
 _PRIMITIVES = {"string": str, "integer": int, "number": float, "boolean": bool}
 _NUMERIC = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt"}
@@ -36,17 +37,25 @@ _KEYWORDS = {"type", "enum", "items", "properties", "required", "additionalPrope
     | set(_CONSTRAINTS) | _ANNOTATIONS
 
 
-def tool_models(tools: Optional[list[ToolDef]]) -> list[type[BaseModel]]:
-    """One pydantic model per OpenAI tool, named after the function (its class name)."""
+def tool_models(tools: Optional[list]) -> list[type[BaseModel]]:
+    """One pydantic model per OpenAI tool (``{"type": "function", "function": {"name", "description",
+    "parameters"}}``, as a mapping or a validated request model), named after the function."""
     models = []
-    for tool in tools or ():
+    for i, tool in enumerate(tools or ()):
+        function = tool.get("function") if isinstance(tool, dict) else getattr(tool, "function", None)
+        if isinstance(function, BaseModel):
+            function = function.model_dump()
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ToolError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., "
+                            f"'parameters': ...}}}}")
+        name = function["name"]
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
         try:
-            models.append(_object_model(tool.function.name, tool.function.parameters, tool.function.description,
-                                        tool.function.name))
+            models.append(_object_model(name, parameters, function.get("description"), name))
         except ToolError:
             raise
-        except (TypeError, ValueError) as exc:  # pydantic refusing a constraint on a type
-            raise ToolError(f"tool {tool.function.name}: invalid parameters schema: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # pydantic refusing a constraint on a type
+            raise ToolError(f"tool {name}: invalid parameters schema: {exc}") from None
     return models
 
 
