@@ -12,16 +12,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-import torch
+import harness  # noqa: F401 - first: the offline environment, and the repository on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("SAFEDECODE_CACHE_DIR", "")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from safedecode import Policy, SafeLogitsProcessor, find_violations  # noqa: E402
-from tests.conftest import build_sentencepiece_tokenizer  # noqa: E402
+from tests.support.sentencepiece_fixture import build_sentencepiece_tokenizer  # noqa: E402
 
 POLICY = Policy(forbid=[{"literal": "shells"}, {"regex": r"qu[a-z]+k"}, {"literal": "Hello", "ignore_case": True},
                         {"regex": r"\d{3}"}])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CUDA check of the vLLM plugin's device path (safedecode.engine.device_mask); not part of `make test`.
 
-1. A persistent-batch scenario (the stand-in of tests/test_vllm_plugin.py: adds, removals,
+1. A persistent-batch scenario (the stand-in of tests/support/vllm_batch.py: adds, removals,
    condensing moves, swaps; guarded rows under several policies, unguarded rows, one adversarial
    row): every step the same random logits go to a plugin on CUDA and one on CPU (numba kernels);
    the CUDA ``apply`` runs under ``torch.cuda.set_sync_debug_mode("error")``, so any host sync
@@ -18,17 +18,14 @@ sync, 1 = a mismatch or a sync, 0 with "skipped" when CUDA is not available)
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-import torch
+import harness  # noqa: F401 - first: the offline environment, and the repository on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 DEVICE = "cuda"  # a dry run of the script's logic can set "cpu"
 POLICIES = [{"policy": {"forbid": [{"literal": "hunter2"}, {"regex": "ab+c"}]}}, "control-tokens", "secrets", None]
@@ -41,7 +38,7 @@ def load_tokenizer():
 
         return load_default_tokenizer()
     except FileNotFoundError:
-        from tests.conftest import build_sentencepiece_tokenizer
+        from tests.support.sentencepiece_fixture import build_sentencepiece_tokenizer
 
         return build_sentencepiece_tokenizer()
 
@@ -53,7 +50,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def scenario(tokenizer, steps=80, seed=0) -> dict:
     from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
-    from tests.test_vllm_plugin import PersistentBatch, Request
+    from tests.support.vllm_batch import PersistentBatch, Request
 
     rng = random.Random(seed)
     gpu = SafeDecodeLogitsProcessor(None, torch.device(DEVICE), True, tokenizer=tokenizer)
@@ -134,7 +131,7 @@ def safe_logits_processor(tokenizer, steps=30) -> dict:
 
 def timing(tokenizer, repeats=50) -> dict:
     from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
-    from tests.test_vllm_plugin import BatchUpdate, SamplingParams
+    from tests.support.vllm_batch import BatchUpdate, SamplingParams
 
     text = tokenizer.encode("my key is sk-proj-4f9Qk2LmZx81NwTb and AKIA1234", add_special_tokens=False)
     out = {}

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import harness  # first: the offline environment, and the repository on sys.path
 
 import httpx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the scenarios (default 2)")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     ap.add_argument("--url", help="benchmark this loopback server instead of starting one")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(harness.RESULTS))
     args = ap.parse_args(argv)
     args.clients = args.clients or (4 if args.quick else 8)
     args.requests = args.requests or (12 if args.quick else 32)
@@ -214,8 +213,8 @@ def main(argv=None) -> int:
     report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "scenarios": scenarios,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2)}}
-    (out / "load.json").write_text(json.dumps(report, indent=1))
-    (out / "load.md").write_text(render_markdown(report))
+    harness.write_json(out / "load.json", report)
+    harness.write_text(out / "load.md", render_markdown(report))
     print(render_markdown(report))
     return 0 if all(s["errors"] == 0 for s in scenarios) else 1
 

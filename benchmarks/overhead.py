@@ -20,67 +20,39 @@ What is measured (see benchmarks/README.md for the caveats):
 * safedecode compile time (cold: no in-process or disk cache), cached load time (in-process cache
   cleared, loaded from a disk cache) and table size; llguidance matcher creation time;
 * a leak check: phrases spelled with other tokenizations than the ones ``bad_words_ids`` lists;
-* leak and over-block rates under the adversarial driver of tests/test_adversarial.py (B=1, on the
+* leak and over-block rates under the adversarial driver of tests/support/adversary.py (B=1, on the
   100 and 10+R policies): none, NoBadWords, llguidance, xgrammar ``excludes`` (literal phrases only;
   skipped if not importable) and safedecode, every verdict checked against the ``regex`` oracle.
 
 Outputs: ``overhead.md`` (tables), ``overhead.json`` (every raw number, per-step samples included)
 and ``overhead.png`` (p50 per step vs policy size).
+
+The script is a list of scenarios (:func:`main`), each a function below; the workload, the
+decoding loop and the compile measurement are ``benchmarks/harness.py``'s, shared with scale.py.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import os
-import platform
-import random
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-# Same environment as `make bench`: never touch the network; numba's cache inside the repo.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
+import harness  # first: the offline environment, and the repository on sys.path
 
 import numpy as np  # noqa: E402
-import regex  # noqa: E402 - the policy's reference semantics (safedecode.find_violations uses it)
 import torch  # noqa: E402
 
-if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
-
 import safedecode  # noqa: E402
-import safedecode.engine.compiled as sd_compiled  # noqa: E402
-from tests.oracle import text_of  # noqa: E402 - DESIGN §1's text of a byte string, as the tests define it
-
-SEED = 20240607
-
-# Ten secret-like regexes. Kept to the syntax both engines give the same meaning: ASCII classes
-# ([0-9], not \d, which is Unicode in the `regex` package) and no \b (llguidance has no look-around).
-REGEXES = [
-    r"sk-[A-Za-z0-9]{20,}",                              # OpenAI-style API key
-    r"AKIA[0-9A-Z]{16}",                                 # AWS access key id
-    r"ghp_[A-Za-z0-9]{36}",                              # GitHub personal access token
-    r"[0-9]{3}-[0-9]{2}-[0-9]{4}",                       # US SSN
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",               # PEM private key header
-    r"xox[baprs]-[0-9A-Za-z-]{10,}",                     # Slack token
-    r"sk_live_[0-9a-zA-Z]{24}",                          # Stripe live secret key
-    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}",    # e-mail address
-    r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}",   # IPv4 address
-    r"[Pp]assword *[:=] *[^ \n]+",                       # "password: <value>"
-]
+from harness import REGEXES, SEED, fmt_us, log, summary  # noqa: E402
+from tests.support.adversary import adversarial_steps  # noqa: E402
+from tests.support.policy_oracle import PolicyOracle  # noqa: E402
+from tests.support.text_oracle import adds_replacement_char, text_of  # noqa: E402
 
 TARGETS = {"p50_us": 5.0, "p99_us": 25.0, "speedup_vs_llguidance": 50.0, "compile_s": 1.0, "cached_load_ms": 50.0}
 
@@ -90,177 +62,9 @@ LABELS = {"none": "none (identity call)", "temperature": "TemperatureLogitsWarpe
           "safedecode": "safedecode"}
 
 
-# ------------------------------------------------------------------------------------------ utils
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def pct(samples_ns, q) -> float | None:
-    if samples_ns is None or len(samples_ns) == 0:
-        return None
-    return float(np.percentile(np.asarray(samples_ns, dtype=np.float64), q) / 1e3)
-
-
-def summary(samples_ns) -> dict:
-    a = np.asarray(samples_ns, dtype=np.float64) / 1e3
-    if a.size == 0:
-        return {"n": 0}
-    return {"n": int(a.size), "p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
-            "p10_us": float(np.percentile(a, 10)), "mean_us": float(a.mean()), "min_us": float(a.min()),
-            "max_us": float(a.max())}
-
-
-def fmt_us(x) -> str:
-    if x is None:
-        return "—"
-    if x >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
-
-
-def clear_memory_cache() -> None:
-    """Empty safedecode's in-process compiled-policy cache (a private detail: tolerate its absence)."""
-    cache = getattr(sd_compiled, "_memory_cache", None)
-    if cache is not None:
-        cache.clear()
-
-
-def run_with_cap(fn, cap_s: float):
-    """Run ``fn()`` in a daemon thread; (result, error, seconds) or ('timeout') if it exceeds cap_s.
-
-    Used for llguidance grammar construction, which drops the GIL and cannot be interrupted: on a
-    timeout the thread is abandoned (it dies with the process) and the run goes on.
-    """
-    box = {}
-
-    def target():
-        t0 = time.perf_counter()
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported, not raised
-            box["error"] = f"{type(exc).__name__}: {exc}"
-        box["seconds"] = time.perf_counter() - t0
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(cap_s)
-    if thread.is_alive():
-        return None, f"timeout: still running after {cap_s:.0f} s (abandoned)", None
-    return box.get("result"), box.get("error"), box.get("seconds")
-
-
-def machine_info(torch_threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    versions = {"python": platform.python_version()}
-    for name in ("safedecode", "torch", "transformers", "tokenizers", "llguidance", "numba", "numpy", "matplotlib"):
-        try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "?")
-        except Exception:  # noqa: BLE001
-            versions[name] = "not installed"
-    commit = None
-    try:  # read-only
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {"cpu_model": cpu, "logical_cores": os.cpu_count(), "usable_cores": affinity,
-            "platform": platform.platform(), "versions": versions, "git_commit": commit,
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch_threads": torch_threads, "loadavg_start": list(os.getloadavg())}
-
-
-# ------------------------------------------------------------------------------ workload (seeded)
-def vocabulary_words(tok) -> list[str]:
-    """Lower-case words of 5-12 letters that are whole tokens with a leading space (Ġ), skipping the
-    1,000 lowest ids (the most frequent merges: 'which', 'their'...), sorted for determinism."""
-    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
-    return sorted({t[1:] for i, t in enumerate(tokens)
-                   if i >= 1000 and isinstance(t, str) and re.fullmatch(r"Ġ[a-z]{5,12}", t)})
-
-
-def make_phrases(words: list[str], n: int, seed: int) -> list[str]:
-    """``n`` distinct phrases of 1-3 words; the first is 'password' (the leak-check example).
-    Policies of size k use the first k phrases, so the policies are nested."""
-    rng = np.random.default_rng(seed)
-    out, seen = ["password"], {"password"}
-    while len(out) < n:
-        k = int(rng.integers(1, 4))
-        phrase = " ".join(str(w) for w in rng.choice(words, k))
-        if phrase not in seen:
-            seen.add(phrase)
-            out.append(phrase)
-    return out
-
-
-def secret_like(rng) -> str:
-    alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    upper = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
-    def draw(alphabet, lo, hi):
-        return "".join(rng.choice(list(alphabet), int(rng.integers(lo, hi + 1))))
-
-    def digits(n):
-        return "".join(str(int(d)) for d in rng.integers(0, 10, n))
-
-    kind = int(rng.integers(0, 10))
-    return [
-        lambda: f"sk-{draw(alnum, 6, 30)}",
-        lambda: f"AKIA{draw(upper, 8, 18)}",
-        lambda: f"ghp_{draw(alnum, 10, 40)}",
-        lambda: f"{digits(3)}-{digits(2)}-{digits(4)}",
-        lambda: "-----BEGIN RSA PRIVATE KEY-----",
-        lambda: f"xoxb-{draw(alnum, 4, 16)}",
-        lambda: f"sk_live_{draw(alnum, 8, 26)}",
-        lambda: f"{draw('abcdefghij', 3, 8)}@example.com",
-        lambda: f"10.{int(rng.integers(0, 256))}.{int(rng.integers(0, 256))}.{int(rng.integers(0, 256))}",
-        lambda: f"password: {draw(alnum, 4, 12)}",
-    ][kind]()
-
-
-def make_script(tok, words, phrases, n_tokens: int, seed: int) -> list[int]:
-    """Token ids of an English-like text: vocabulary words, policy phrases (whole and cut short) and
-    secret-like strings. Decoding follows it wherever the processor allows (see run_stream)."""
-    rng = np.random.default_rng(seed + 1)
-    parts = []
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        for _ in range(200):
-            u = rng.random()
-            if u < 0.55:
-                parts.append(str(rng.choice(words)))
-            elif u < 0.63:
-                parts.append(phrases[int(rng.integers(0, min(10, len(phrases))))])
-            elif u < 0.70:
-                parts.append(phrases[int(rng.integers(0, len(phrases)))])
-            elif u < 0.80:
-                p = phrases[int(rng.integers(0, len(phrases)))]
-                parts.append(p[: int(rng.integers(1, len(p)))])
-            else:
-                parts.append(secret_like(rng))
-            parts.append(str(rng.choice([" ", " ", " ", " ", ", ", ". ", "\n"])))
-        ids = tok.encode("".join(parts), add_special_tokens=False)
-    return ids[:n_tokens]
-
-
-def prompt_ids(tok) -> list[int]:
-    messages = [{"role": "user", "content": "Write the release notes and the deployment checklist for the ops team."}]
-    try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tok.encode(text, add_special_tokens=False)
-    except Exception:  # noqa: BLE001
-        return tok.encode(messages[0]["content"], add_special_tokens=False)
+# ------------------------------------------------------------------------------------ the peers
+def identity(input_ids, scores):
+    return scores
 
 
 def lark_escape(phrase: str) -> str:
@@ -271,11 +75,6 @@ def lark_escape(phrase: str) -> str:
 def lark_grammar(phrases: list[str], regexes: list[str]) -> str:
     alternatives = [lark_escape(p) for p in phrases] + [r.replace("/", "\\/") for r in regexes]
     return 'start: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:.*)(' + "|".join(alternatives) + ')(?s:.*)/\n'
-
-
-# ------------------------------------------------------------------------------------ processors
-def identity(input_ids, scores):
-    return scores
 
 
 class LLGuidanceProcessor:
@@ -334,156 +133,6 @@ def eager_apply_bitmask(scores, bitmask):
     scores.masked_fill_(allowed == 0, float("-inf"))
 
 
-class XGrammarProcessor:
-    """A minimal per-step xgrammar processor (B=1): accept the last token, fill the bitmask, apply it."""
-
-    def __init__(self, xgr, compiled, vocab_size):
-        self.xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self.started = False
-
-    def __call__(self, input_ids, scores):
-        if self.started:
-            tok = int(input_ids[0, -1])
-            if not self.matcher.accept_token(tok):
-                raise RuntimeError(f"xgrammar refused token {tok}")
-        self.started = True
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask)
-        return scores
-
-
-def xgrammar_build(tok, phrases: list[str], cap_s: float):
-    """xgrammar's literal ban: the structural tag ``any_text`` with ``excludes=phrases``, compiled by
-    a single-threaded ``GrammarCompiler`` without its cache, under ``cap_s`` seconds.
-
-    Returns (a factory of fresh B=1 ``XGrammarProcessor``s, or None; numbers). ``info["skipped"]`` is
-    set when xgrammar is not importable, ``info["error"]`` when the compile fails or is capped."""
-    info: dict = {"phrases": len(phrases)}
-    try:
-        import importlib.metadata
-
-        import xgrammar as xgr
-
-        info["version"] = importlib.metadata.version("xgrammar")
-    except Exception as exc:  # noqa: BLE001 - an optional peer
-        info["skipped"] = f"xgrammar not importable: {type(exc).__name__}: {exc}"
-        return None, info
-    V = len(tok)
-    t0 = time.perf_counter()
-    tok_info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=V)
-    info["tokenizer_info_s"] = time.perf_counter() - t0
-    compiler = xgr.GrammarCompiler(tok_info, max_threads=1, cache_enabled=False)
-    tag = {"type": "structural_tag", "format": {"type": "any_text", "excludes": list(phrases)}}
-    info["grammar"] = 'structural tag {"type": "any_text", "excludes": [phrases]}; GrammarCompiler(max_threads=1)'
-    compiled, err, seconds = run_with_cap(lambda: compiler.compile_structural_tag(tag), cap_s)
-    info["compile_s"] = seconds
-    if err is not None:
-        info["error"] = err
-        return None, info
-    for _ in range(2):  # warm-up of the apply kernel
-        xgr.apply_token_bitmask_inplace(torch.zeros((1, V)), xgr.allocate_token_bitmask(1, V))
-    return (lambda: XGrammarProcessor(xgr, compiled, V)), info
-
-
-# ------------------------------------------------------------------------------------ the loop
-def run_stream(proc, *, batch, prompt, script, bases, warmup, steps, cap_s, desc):
-    """Simulated decoding; returns timings (ns per step), copies (ns) and what happened."""
-    from tqdm import tqdm
-
-    rows = batch
-    ids = torch.tensor([prompt] * rows, dtype=torch.long)
-    scores = torch.empty((rows, bases.shape[-1]), dtype=bases.dtype)
-    n_script = len(script)
-    stride = 97
-    want_all = torch.tensor([[script[(r * stride + s) % n_script] for s in range(warmup + steps)]
-                             for r in range(rows)], dtype=torch.long)
-    calls, copies = [], []
-    blocked = 0
-    error = None
-    capped = False
-    t_start = time.perf_counter()
-    bar = tqdm(total=warmup + steps, desc=desc, leave=False, mininterval=1.0, file=sys.stderr)
-    gc.collect()
-    gc.disable()
-    try:
-        for step in range(warmup + steps):
-            c0 = time.perf_counter_ns()
-            scores.copy_(bases[step % bases.shape[0], :rows])
-            c1 = time.perf_counter_ns()
-            out = proc(ids, scores)
-            c2 = time.perf_counter_ns()
-            if step >= warmup:
-                calls.append(c2 - c1)
-                copies.append(c1 - c0)
-            want = want_all[:, step]
-            ok = torch.isfinite(out.gather(1, want[:, None]).squeeze(1))
-            if not bool(ok.all()):
-                blocked += int((~ok).sum())
-                nxt = torch.where(ok, want, out.argmax(-1))
-            else:
-                nxt = want
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            bar.update(1)
-            if time.perf_counter() - t_start > cap_s:
-                capped = step + 1 < warmup + steps
-                break
-    except Exception as exc:  # noqa: BLE001 - recorded in the results
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        gc.enable()
-        bar.close()
-    return {"calls_ns": calls, "copies_ns": copies, "blocked_tokens": blocked, "error": error,
-            "capped": capped, "wall_s": time.perf_counter() - t_start,
-            "generated": ids[:, len(prompt):].tolist()}
-
-
-# ------------------------------------------------------------------------------------ main phases
-def safedecode_compile(policy, tok, tmp_root: Path) -> tuple[object, dict]:
-    """Cold compile (no caches), then a disk-cache round trip; returns (compiled, numbers)."""
-    info: dict = {}
-    clear_memory_cache()
-    gc.collect()
-    t0 = time.perf_counter()
-    compiled = safedecode.compile_policy(policy, tok, cache_dir=False)
-    info["cold_compile_s"] = time.perf_counter() - t0
-    info["stats"] = {k: v for k, v in compiled.stats.items() if k != "component_rules"}
-    # Write the disk cache without compiling twice (private helper; fall back to a second compile).
-    disk = Path(tempfile.mkdtemp(prefix="sd-cache-", dir=tmp_root))
-    try:
-        key = sd_compiled.cache_key(policy, sd_compiled.vocabulary_of(tok), sd_compiled.DEFAULT_MAX_STATES)
-        sd_compiled._store(disk, key, compiled)
-        info["cache_written_by"] = "_store"
-    except Exception:  # noqa: BLE001
-        clear_memory_cache()
-        t0 = time.perf_counter()
-        safedecode.compile_policy(policy, tok, cache_dir=disk)
-        info["cache_written_by"] = "compile_policy(cache_dir=...)"
-        info["compile_and_store_s"] = time.perf_counter() - t0
-    loads, misses = [], 0
-    for _ in range(4):
-        clear_memory_cache()
-        t0 = time.perf_counter()
-        loaded = safedecode.compile_policy(policy, tok, cache_dir=disk)
-        seconds = time.perf_counter() - t0
-        if loaded.stats.get("loaded_from_cache"):
-            loads.append(seconds)
-        else:  # the file was not usable (e.g. the private _store wrote another key): this call wrote it
-            misses += 1
-            info["cache_written_by"] = "compile_policy(cache_dir=...)"
-        del loaded
-        if len(loads) == 3:
-            break
-    info["cached_load_s"] = loads  # only the loads that hit the disk cache
-    info["cached_load_misses"] = misses
-    info["cached_load_hit"] = bool(loads)
-    info["cache_file_bytes"] = sum(p.stat().st_size for p in disk.glob("*.npz"))
-    shutil.rmtree(disk, ignore_errors=True)
-    clear_memory_cache()
-    return compiled, info
-
-
 LLG_LIMITS = [
     ("default", None),
     ("raised: initial_lexer_fuel=1e8, step_lexer_fuel=2e7",
@@ -493,12 +142,26 @@ LLG_LIMITS = [
 ]
 
 
-def llguidance_setup(ll, lltok, grammar: str, cap_s: float, rungs: int) -> tuple[object, dict]:
+@dataclass
+class LLGuidance:
+    """llguidance, set up once: its module, the tokenizer, the executor and the bitmask kernel."""
+
+    ll: object
+    tokenizer: object
+    executor: object
+    apply_fn: object
+
+    def processor(self, template) -> LLGuidanceProcessor:
+        return LLGuidanceProcessor(template, self.executor, self.apply_fn)
+
+
+def llguidance_matcher(llg: LLGuidance, grammar: str, cap_s: float, rungs: int) -> tuple[object, dict]:
     """Build the matcher with llguidance's default parser limits; if that fails (at creation or on
     the first mask), retry with raised limits (the first ``rungs`` entries of LLG_LIMITS).
     Returns (template matcher or None, numbers)."""
     import llguidance.torch as llt
 
+    ll, lltok = llg.ll, llg.tokenizer
     attempts = []
     for name, kwargs in LLG_LIMITS[:rungs]:
         limits = ll.LLParserLimits(**kwargs) if kwargs else None
@@ -506,7 +169,7 @@ def llguidance_setup(ll, lltok, grammar: str, cap_s: float, rungs: int) -> tuple
         def build():
             return ll.LLMatcher(lltok, grammar, log_level=0, limits=limits)
 
-        matcher, err, seconds = run_with_cap(build, cap_s)
+        matcher, err, seconds = harness.run_with_cap(build, cap_s)
         attempt = {"limits": name, "create_s": seconds}
         if err is None and matcher.is_error():
             err = matcher.get_error().splitlines()[0][:300]
@@ -517,7 +180,7 @@ def llguidance_setup(ll, lltok, grammar: str, cap_s: float, rungs: int) -> tuple
             def first_mask():
                 llt.fill_next_token_bitmask(probe, bitmask, 0)
 
-            _, err2, seconds2 = run_with_cap(first_mask, cap_s)
+            _, err2, seconds2 = harness.run_with_cap(first_mask, cap_s)
             attempt["first_mask_s"] = seconds2
             if err2 is None and probe.is_error():
                 err2 = probe.get_error().splitlines()[0][:300]
@@ -534,6 +197,281 @@ def llguidance_setup(ll, lltok, grammar: str, cap_s: float, rungs: int) -> tuple
                   "error": f"{attempts[-1]['error']} (limits tried: {tried})"}
 
 
+def bad_words_ids(tok, phrases: list[str]) -> list[list[int]]:
+    """NoBadWords' sequences: ``encode(p)`` and ``encode(" " + p)`` of every phrase."""
+    bad_words = []
+    for p in phrases:
+        for seq in (tok.encode(p, add_special_tokens=False), tok.encode(" " + p, add_special_tokens=False)):
+            if seq and seq not in bad_words:
+                bad_words.append(seq)
+    return bad_words
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class PolicySpec:
+    """One policy of the run: ``n`` phrases, and the regexes for the ``+R`` ones."""
+
+    name: str
+    n: int
+    regexes: list
+
+    def build(self, phrases: list[str]) -> safedecode.Policy:
+        return safedecode.Policy(forbid=[{"literal": p} for p in phrases[:self.n]] +
+                                 [{"regex": r} for r in self.regexes])
+
+
+@dataclass
+class Workload:
+    """The tokenizer and the seeded workload every scenario uses."""
+
+    tok: object
+    vocab: object
+    phrases: list
+    script: list
+    prompt: list
+    bases: object  # random logits, EOS at -inf
+
+    @property
+    def width(self) -> int:
+        return len(self.tok)
+
+
+class Run:
+    """The options, the results (saved to ``overhead.json`` after every step of the way) and the
+    timed streams of one run."""
+
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.steps = args.steps or (100 if args.quick else 500)
+        self.warmup = args.warmup if args.warmup is not None else (15 if args.quick else 50)
+        self.cap_s = args.cap or (30.0 if args.quick else 90.0)
+        self.adversarial = [p for p in args.adversarial_policies.split(",") if p]
+        self.adv_steps = args.adversarial_steps or (40 if args.quick else 300)
+        self.adv_sample = args.adversarial_sample or (400 if args.quick else 2000)
+        self.sizes = [int(s) for s in args.sizes.split(",") if s]
+        self.batches = [int(b) for b in args.batches.split(",") if b]
+        self.processors = [p for p in args.processors.split(",") if p]
+        self.seed = args.seed
+        self.out_dir = Path(args.out)
+        self.policies = [PolicySpec(str(n), n, []) for n in self.sizes]
+        if not args.no_regex_policies:
+            self.policies += [PolicySpec(f"{n}+R", n, REGEXES) for n in self.sizes]
+        self.workload: Workload | None = None
+        self.results: dict = {
+            "config": {"quick": args.quick, "steps": self.steps, "warmup": self.warmup, "cap_s": self.cap_s,
+                       "sizes": self.sizes, "batches": self.batches, "processors": self.processors, "seed": self.seed,
+                       "regexes": REGEXES, "targets": TARGETS, "adversarial_policies": self.adversarial,
+                       "adversarial_steps": self.adv_steps, "adversarial_sample": self.adv_sample},
+            "machine": harness.machine_info(args.torch_threads)}
+
+    def wants(self, processor: str) -> bool:
+        return processor in self.processors
+
+    def save(self) -> None:
+        harness.write_json(self.out_dir / "overhead.json", self.results)
+
+    def stream(self, proc, rows: int, desc: str) -> dict:
+        w = self.workload
+        return harness.run_stream(proc, batch=rows, prompt=w.prompt, script=w.script, bases=w.bases,
+                                  warmup=self.warmup, steps=self.steps, cap_s=self.cap_s, desc=desc)
+
+    def record(self, processor: str, policy: str, rows: int, run: dict, extra=None) -> None:
+        """One timed stream into ``results["runs"]`` (and the log)."""
+        entry = {"processor": processor, "policy": policy, "batch": rows, **harness.stream_record(run),
+                 "copies_us": [round(x / 1e3, 3) for x in run["copies_ns"]]}
+        entry.update(extra or {})
+        self.results["runs"].append(entry)
+        s = entry["summary"]
+        log(f"  {processor:<12} {policy:<7} B={rows:<3} p50={fmt_us(s.get('p50_us'))} µs "
+            f"p99={fmt_us(s.get('p99_us'))} µs n={s['n']} blocked={run['blocked_tokens']}{harness.stream_status(run)}")
+        self.save()
+
+    def record_setup_failure(self, processor: str, policy: str, rows: int, error: str) -> None:
+        self.results["runs"].append({"processor": processor, "policy": policy, "batch": rows,
+                                     "summary": {"n": 0}, "setup_failed": True, "error": error})
+
+    def violations(self, policy, generated) -> dict:
+        """Rows of a stream whose generated text violates ``policy`` (``find_violations``)."""
+        rows_bad, total = 0, 0
+        for row in generated:
+            found = safedecode.find_violations(policy, self.workload.vocab.text(row))
+            rows_bad += bool(found)
+            total += len(found)
+        return {"rows_with_violation": rows_bad, "violations": total}
+
+
+# ------------------------------------------------------------------------------------ scenarios
+def load_workload(run: Run) -> Workload:
+    """SmolLM2's tokenizer, the seeded phrases, the scripted text, the chat prompt, random logits."""
+    log("loading the SmolLM2-135M tokenizer ...")
+    from safedecode.models import load_default_tokenizer
+
+    t0 = time.perf_counter()
+    tok = load_default_tokenizer()
+    run.results["tokenizer"] = {"name": "SmolLM2-135M-Instruct", "vocab_size": len(tok),
+                                "load_s": time.perf_counter() - t0, "eos_token_id": tok.eos_token_id}
+    words = harness.vocabulary_words(tok)
+    phrases = harness.make_phrases(words, max(run.sizes), run.seed)
+    script = harness.make_script(tok, words, phrases, 4000, run.seed)
+    prompt = harness.prompt_ids(tok)
+    missing = sorted(set(run.adversarial) - {p.name for p in run.policies})
+    if missing:
+        log(f"adversarial policies not in this run, skipped: {missing}")
+    run.results["workload"] = {"words_in_pool": len(words), "phrases": phrases, "prompt_tokens": len(prompt),
+                               "script_tokens": len(script), "policies": [p.name for p in run.policies]}
+    log(f"{len(words)} candidate words; {len(phrases)} phrases, e.g. {phrases[:4]}; script of {len(script)} tokens")
+    # Random logits (a few rotating sets), EOS suppressed so that every stream runs its full length.
+    bases = harness.random_logits(4, max(run.batches), len(tok), [tok.eos_token_id], run.seed)
+    return Workload(tok, None, phrases, script, prompt, bases)
+
+
+def warm_up_safedecode(run: Run, w: Workload) -> None:
+    """First use: the vocabulary extraction, a tiny compile and every numba kernel signature."""
+    from safedecode.tokens.vocabulary import vocabulary_of
+
+    t0 = time.perf_counter()
+    w.vocab = vocabulary_of(w.tok)
+    first_use = {"vocabulary_extraction_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    tiny = harness.tiny_policy_compiled(w.tok)
+    first_use["first_tiny_compile_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    harness.warm_kernels(tiny, w.prompt, w.width, run.batches)
+    first_use["kernel_warmup_s"] = time.perf_counter() - t0
+    harness.clear_memory_cache()
+    run.results["safedecode_first_use"] = first_use
+    log(f"safedecode first use: {first_use}")
+
+
+def set_up_llguidance(run: Run, w: Workload) -> LLGuidance | None:
+    """llguidance's tokenizer and executor, and its bitmask kernel warmed up (or the eager
+    fallback); None where llguidance is not wanted or not available."""
+    if not run.wants("llguidance"):
+        return None
+    try:
+        import llguidance as ll
+        import llguidance.hf
+        import llguidance.torch as llt
+
+        t0 = time.perf_counter()
+        lltok = llguidance.hf.from_tokenizer(w.tok)
+        setup = {"version": ll.__version__, "tokenizer_s": time.perf_counter() - t0, "vocab_size": lltok.vocab_size}
+        apply_fn, apply_name = llt.apply_token_bitmask_inplace, "llguidance.torch.apply_token_bitmask_inplace (torch.compile)"
+        t0 = time.perf_counter()
+        try:
+            for rows in run.batches:
+                for _ in range(2):
+                    apply_fn(torch.zeros((rows, w.width)), llt.allocate_token_bitmask(rows, w.width))
+        except Exception as exc:  # noqa: BLE001 - no compiler: same arithmetic, eager
+            setup["apply_compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            apply_fn, apply_name = eager_apply_bitmask, "eager torch (fallback)"
+        setup["apply_warmup_s"] = time.perf_counter() - t0
+        setup["apply"] = apply_name
+        run.results["llguidance_setup"] = setup
+        log(f"llguidance {ll.__version__}: tokenizer {setup['tokenizer_s']:.2f} s, "
+            f"apply kernel warm-up {setup['apply_warmup_s']:.1f} s ({apply_name})")
+        return LLGuidance(ll, lltok, ll.LLExecutor(), apply_fn)
+    except Exception as exc:  # noqa: BLE001
+        run.results["llguidance_setup"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"llguidance unavailable: {exc}")
+        return None
+
+
+def time_policy_free_peers(run: Run) -> None:
+    """The identity call and TemperatureLogitsWarper, once per batch size."""
+    from transformers import TemperatureLogitsWarper
+
+    for name, make in (("none", lambda: identity), ("temperature", lambda: TemperatureLogitsWarper(0.7))):
+        if run.wants(name):
+            for rows in run.batches:
+                run.record(name, "—", rows, run.stream(make(), rows, f"{name} B={rows}"))
+
+
+def compile_safedecode(run: Run, policy: PolicySpec, sd_policy, entry: dict, tmp_root: Path):
+    """Cold compile, cached loads and table size of one policy into ``entry``; the compiled policy
+    or None."""
+    try:
+        compiled, info = harness.safedecode_compile(sd_policy, run.workload.tok, tmp_root)
+    except Exception as exc:  # noqa: BLE001
+        entry["safedecode"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"  safedecode compile FAILED: {exc}")
+        return None
+    entry["safedecode"] = info
+    s = info["stats"]
+    log(f"  safedecode compile {info['cold_compile_s']:.2f} s, cached load "
+        f"{min(info['cached_load_s']) * 1e3:.1f} ms (hit={info['cached_load_hit']}), "
+        f"{s.get('table_bytes', 0) / 1e6:.1f} MB, {s.get('token_states')} token states, "
+        f"{s.get('components', 1)} component(s)")
+    return compiled
+
+
+def build_llguidance(run: Run, llg: LLGuidance | None, policy: PolicySpec, entry: dict):
+    """llguidance's matcher for the policy's Lark grammar (retried with raised limits) into
+    ``entry``; the template matcher or None."""
+    if llg is None:
+        return None
+    grammar = lark_grammar(run.workload.phrases[:policy.n], policy.regexes)
+    template, info = llguidance_matcher(llg, grammar, run.cap_s, 2 if run.quick else len(LLG_LIMITS))
+    info["grammar_chars"] = len(grammar)
+    entry["llguidance"] = info
+    if template is None:
+        log(f"  llguidance matcher FAILED: {info.get('error')}")
+    else:
+        log(f"  llguidance matcher {info['create_s'] * 1e3:.0f} ms, first mask "
+            f"{(info['first_mask_s'] or 0) * 1e3:.0f} ms (limits: {info['limits']})")
+    return template
+
+
+def time_policy_peers(run: Run, policy: PolicySpec, sd_policy, entry: dict, bad_words, llg, template, compiled) -> None:
+    """NoBadWords (phrase policies only: regexes are not expressible), llguidance and safedecode,
+    at every batch size; the output of each stream judged by ``find_violations``."""
+    from transformers import NoBadWordsLogitsProcessor
+
+    tok = run.workload.tok
+    for rows in run.batches:
+        if run.wants("nobadwords") and not policy.regexes:  # '+R' rows would repeat these
+            nbw = NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id)
+            stream = run.stream(nbw, rows, f"nobadwords {policy.name} B={rows}")
+            run.record("nobadwords", policy.name, rows, stream,
+                       {"violations": run.violations(sd_policy, stream["generated"])})
+        if run.wants("llguidance"):
+            if template is None:
+                run.record_setup_failure("llguidance", policy.name, rows,
+                                         entry.get("llguidance", {}).get("error", "unavailable"))
+            else:
+                proc = llg.processor(template)
+                stream = run.stream(proc, rows, f"llguidance {policy.name} B={rows}")
+                parts = {k: summary(v[run.warmup:]) for k, v in proc.parts.items()}
+                run.record("llguidance", policy.name, rows, stream,
+                           {"parts": parts, "violations": run.violations(sd_policy, stream["generated"])})
+        if run.wants("safedecode"):
+            if compiled is None:
+                run.record_setup_failure("safedecode", policy.name, rows,
+                                         entry.get("safedecode", {}).get("error") or "compile failed")
+            else:
+                stream = run.stream(safedecode.SafeLogitsProcessor(compiled), rows,
+                                    f"safedecode {policy.name} B={rows}")
+                run.record("safedecode", policy.name, rows, stream,
+                           {"violations": run.violations(sd_policy, stream["generated"])})
+
+
+def peer_factories(tok, bad_words, llg, template, xgr_make, compiled) -> dict:
+    """name → factory of a fresh B=1 processor, for every peer built for this policy (llguidance and
+    xgrammar only where they could be built)."""
+    from transformers import NoBadWordsLogitsProcessor
+
+    nbw = NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id)
+    factories = {"none": lambda: identity, "nobadwords": lambda: nbw}
+    if template is not None:
+        factories["llguidance"] = lambda: llg.processor(template)
+    if xgr_make is not None:
+        factories["xgrammar"] = xgr_make
+    factories["safedecode"] = lambda: safedecode.SafeLogitsProcessor(compiled)
+    return factories
+
+
 def masks_spelling(make, seq: list[int], prompt: list[int], V: int) -> bool:
     """Fed ``seq`` token by token after ``prompt``, does a fresh processor from ``make()`` mask one of
     its tokens? (Zero logits, B=1; stops at the first masked token.)"""
@@ -546,12 +484,9 @@ def masks_spelling(make, seq: list[int], prompt: list[int], V: int) -> bool:
     return False
 
 
-def leak_check(tok, vocab, phrases, factories: dict, prompt) -> dict:
-    """For each phrase, four spellings of ' ' + phrase (or phrase at the start); a spelling is
-    *blocked* by a processor (``factories``: name → factory of fresh processors) if at some step
-    along it the processor masks its next token."""
-    single = {}
-
+def spellings(tok, phrase: str, single: dict) -> dict:
+    """Four token spellings of ' ' + phrase (or the phrase at the start); ``single`` memoizes the
+    characters that are one token."""
     def char_ids(text):
         out = []
         for ch in text:
@@ -563,21 +498,23 @@ def leak_check(tok, vocab, phrases, factories: dict, prompt) -> dict:
             out += single[ch]
         return out
 
-    def spellings(p):
-        canon_space = tok.encode(" " + p, add_special_tokens=False)
-        canon = tok.encode(p, add_special_tokens=False)
-        chars = char_ids(" " + p)
-        k = max(1, len(p) // 2)
-        split = tok.encode(" " + p[:k], add_special_tokens=False) + tok.encode(p[k:], add_special_tokens=False)
-        return {"canonical ' '+phrase (in bad_words_ids)": canon_space,
-                "canonical phrase at start (in bad_words_ids)": canon,
-                "one token per character": chars,
-                "split mid-phrase (two encodes)": split}
+    k = max(1, len(phrase) // 2)
+    return {"canonical ' '+phrase (in bad_words_ids)": tok.encode(" " + phrase, add_special_tokens=False),
+            "canonical phrase at start (in bad_words_ids)": tok.encode(phrase, add_special_tokens=False),
+            "one token per character": char_ids(" " + phrase),
+            "split mid-phrase (two encodes)": (tok.encode(" " + phrase[:k], add_special_tokens=False) +
+                                               tok.encode(phrase[k:], add_special_tokens=False))}
 
+
+def leak_check(tok, vocab, phrases, factories: dict, prompt) -> dict:
+    """For each phrase, four spellings (:func:`spellings`); a spelling is *blocked* by a processor
+    (``factories``: name → factory of fresh processors) if at some step along it the processor masks
+    its next token."""
+    single: dict = {}
     totals: dict = {}
     example = None
     for i, p in enumerate(phrases):
-        for name, seq in spellings(p).items():
+        for name, seq in spellings(tok, p, single).items():
             row = totals.setdefault(name, {"n": 0, **{k: 0 for k in factories}, "skipped": 0})
             if not seq:
                 row["skipped"] += 1
@@ -594,147 +531,95 @@ def leak_check(tok, vocab, phrases, factories: dict, prompt) -> dict:
     return {"phrases": len(phrases), "by_spelling": totals, "example": example}
 
 
-# ------------------------------------------------------------------- adversarial leak / over-block
-class PolicyOracle:
-    """Does a text violate the policy? The verdict of ``safedecode.find_violations`` (the ``regex``
-    package) on DESIGN §1's text of the bytes (``tests.oracle.text_of``: UTF-8, U+FFFD for invalid
-    bytes, an incomplete sequence at the very end not yet a character), computed faster: plain
-    case-sensitive literal rules by substring search (what ``regex.search`` of an escaped literal
-    without flags is), every other rule by its own compiled ``regex`` search. Literal and regex rules
-    only (the benchmark's policies); block rules are refused."""
-
-    def __init__(self, policy):
-        self.literals, self.patterns = [], []
-        for rule in policy.forbid:
-            if not isinstance(rule, (safedecode.policy.rules.LiteralRule, safedecode.policy.rules.RegexRule)):
-                raise TypeError(f"PolicyOracle handles literal and regex rules only, not {type(rule).__name__}")
-            if isinstance(rule, safedecode.policy.rules.LiteralRule) and not rule.whole_word and not rule.ignore_case:
-                self.literals.append(rule.literal)
-            else:
-                self.patterns.append(regex.compile(rule.pattern, rule.flags))
-
-    def violates(self, data: bytes) -> bool:
-        text = text_of(data)
-        return any(p in text for p in self.literals) or any(rx.search(text) for rx in self.patterns)
-
-
-def adds_replacement_char(data: bytes, token: bytes) -> bool:
-    """Does appending ``token`` add a U+FFFD (invalid UTF-8) to the text? (text_of(data) is a prefix
-    of text_of(data + token).)"""
-    return "\ufffd" in text_of(data + token)[len(text_of(data)):]
+def run_leak_check(run: Run, phrases, factories: dict) -> None:
+    """:func:`leak_check` for every peer but 'none' into ``results["leak"]`` (an error is recorded)."""
+    w = run.workload
+    log(f"  leak check ({len(phrases)}-phrase policy) ...")
+    try:
+        run.results["leak"] = leak_check(w.tok, w.vocab, phrases, {k: f for k, f in factories.items() if k != "none"},
+                                         w.prompt)
+        for name, row in run.results["leak"]["by_spelling"].items():
+            counts = ", ".join(f"{k} {row[k]}/{row['n']}" for k in row if k not in ("n", "skipped"))
+            log(f"    {name}: blocked {counts}")
+    except Exception as exc:  # noqa: BLE001
+        run.results["leak"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+        log(f"    leak check failed: {exc}")
 
 
 def adversary_targets(phrases: list[str], regexes: list[str], oracle: PolicyOracle, seed: int) -> dict:
     """What the adversary pushes toward: ' ' + each phrase, and (with regexes) 200 secret-like
-    strings that the policy forbids (``secret_like``, kept only if they violate)."""
+    strings that the policy forbids (``harness.secret_like``, kept only if they violate)."""
     rng = np.random.default_rng(seed + 2)
     secrets = []
     for _ in range(200 if regexes else 0):
-        s = secret_like(rng)
-        if oracle.violates(s.encode()):
+        s = harness.secret_like(rng)
+        if oracle(s.encode()):
             secrets.append(s.encode())
     return {"phrases": [(" " + p).encode() for p in phrases], "secrets": secrets}
 
 
-def adversarial_scores(np_rng, rng, V: int, non_text, wanted: list[int]):
-    """Random normal logits (1, V), non-text ids at -inf, +100 (+ rank) on the adversary's
-    candidates in a random order: one random tokenization of the forbidden continuation wins."""
-    scores = torch.from_numpy(np_rng.normal(size=(1, V)).astype(np.float32))
-    scores[0, non_text] = float("-inf")
-    for rank, token in enumerate(rng.sample(wanted, len(wanted))):
-        scores[0, token] += 100.0 + rank
-    return scores
+COUNTS = ("steps", "masked_total", "wanted_total", "wanted_masked", "masked_checked", "overblocked",
+          "overblock_steps", "overblocked_invalid_utf8", "allowed_checked", "leaked", "leak_steps")
 
 
-def judge_step(st: dict, oracle, vocab, data: bytes, wanted: list[int], masked: list[int], text_ids, sample, rng):
-    """One step's verdicts, counted into ``st``: over-blocked tokens among the masked ones (all, or a
-    random ``sample``), leaked tokens among the adversary's candidates + ``sample``/2 random allowed
-    text tokens. Returns (over-blocked, leaked)."""
-    masked_set, wanted_set = set(masked), set(wanted)
-    checked = masked if len(masked) <= sample else rng.sample(masked, sample)
-    over = [t for t in checked if not oracle.violates(data + vocab.token_bytes[t])]
-    allowed = (wanted_set | set(rng.sample(text_ids, sample // 2))) - masked_set
-    leaks = [t for t in sorted(allowed) if oracle.violates(data + vocab.token_bytes[t])]
-    counts = {"steps": 1, "masked_total": len(masked), "wanted_total": len(wanted_set),
-              "wanted_masked": len(wanted_set & masked_set), "masked_checked": len(checked),
-              "overblocked": len(over), "overblock_steps": int(bool(over)),
-              "overblocked_invalid_utf8": sum(adds_replacement_char(data, vocab.token_bytes[t]) for t in over),
-              "allowed_checked": len(allowed), "leaked": len(leaks), "leak_steps": int(bool(leaks))}
-    for key, n in counts.items():
-        st[key] = st.get(key, 0) + n
-    return over, leaks
-
-
-def adversarial_run(make, vocab, adversary, oracle: PolicyOracle, targets: dict, *, prompt, steps, sample,
-                    seed, policy) -> dict:
-    """Drive fresh processors from ``make()`` with the test-suite's adversary (B=1) and count leaks
-    and over-blocks at every step (``adversarial_scores``, then ``judge_step`` against ``oracle``).
-    The argmax is appended; if it completed a forbidden text (a leak taken) or the text passes 70
-    bytes, a new generation starts; the target changes then and every 12 steps."""
-    rng = random.Random(seed)
-    np_rng = np.random.default_rng(seed)
-    text_ids = [i for i, b in enumerate(vocab.token_bytes) if b]
-    non_text = torch.tensor([i for i, b in enumerate(vocab.token_bytes) if not b], dtype=torch.long)
-    pools = [pool for pool in (targets["phrases"], targets["secrets"]) if pool]
+def adversarial_run(make, vocab, oracle: PolicyOracle, targets: dict, *, prompt, steps, sample, seed,
+                    policy) -> dict:
+    """Drive fresh processors from ``make()`` with the adversary of tests/support/adversary.py (B=1;
+    non-text ids at -inf) and count leaks, over-blocks and completed forbidden texts: every masked
+    text token judged (or ``sample`` of them), the candidates and ``sample``/2 random text tokens."""
     st = {"generations": 0, "completed": 0, "oracle_disagreements": 0, "examples": {}}
+    st.update({key: 0 for key in COUNTS})
 
     def example(kind, data, token):
         st["examples"].setdefault(kind, {"text": text_of(data)[-60:],
                                          "token": vocab.token_bytes[token].decode("utf-8", "backslashreplace"),
                                          "token_id": token})
 
-    proc, data, generated, target = None, b"", [], b""
-    for step in range(steps):
-        if proc is None or step % 12 == 0:
-            target = rng.choice(rng.choice(pools))
-        if proc is None:
-            proc, data, generated = make(), b"", []
-            st["generations"] += 1
-        wanted = adversary.candidates(data, target)
-        scores = adversarial_scores(np_rng, rng, vocab.size, non_text, wanted)
-        before = torch.isneginf(scores[0])
-        out = proc(torch.tensor([prompt + generated], dtype=torch.long), scores)
-        masked = np.flatnonzero((torch.isneginf(out[0]) & ~before).numpy()).tolist()
-        over, leaks = judge_step(st, oracle, vocab, data, wanted, masked, text_ids, sample, rng)
-        if over:
-            example("over-block", data, over[0])
-        if leaks:
-            example("leak", data, leaks[0])
-        choice = int(torch.argmax(out[0]))
-        bad = oracle.violates(data + (vocab.token_bytes[choice] or b""))
-        if bad:
+    pools = [targets["phrases"], targets["secrets"]]
+    for step in adversarial_steps(make, vocab, pools, oracle, steps=steps, seed=seed, prompt=prompt,
+                                  masked_sample=sample, allowed_sample=sample // 2, mask_non_text=True):
+        st["generations"] += step.starts_generation
+        wanted = set(step.wanted)
+        st["steps"] += 1
+        st["masked_total"] += len(step.masked)
+        st["wanted_total"] += len(wanted)
+        st["wanted_masked"] += len(wanted & step.masked)
+        st["masked_checked"] += step.masked_checked
+        st["overblocked"] += len(step.overblocked)
+        st["overblock_steps"] += bool(step.overblocked)
+        st["overblocked_invalid_utf8"] += sum(adds_replacement_char(step.data, vocab.token_bytes[t])
+                                              for t in step.overblocked)
+        st["allowed_checked"] += step.allowed_checked
+        st["leaked"] += len(step.leaked)
+        st["leak_steps"] += bool(step.leaked)
+        if step.overblocked:
+            example("over-block", step.data, step.overblocked[0])
+        if step.leaked:
+            example("leak", step.data, step.leaked[0])
+        if step.completed:
             st["completed"] += 1
-            example("completed", data, choice)
-        generated.append(choice)
-        data += vocab.token_bytes[choice] or b""
-        st["oracle_disagreements"] += bad != bool(safedecode.find_violations(policy, text_of(data)))
-        if bad or len(data) > 70:
-            proc = None
-    n = max(1, st.get("steps", 0))
-    st.update(leak_step_rate=st.get("leak_steps", 0) / n, overblock_step_rate=st.get("overblock_steps", 0) / n,
-              leak_token_rate=st.get("leaked", 0) / max(1, st.get("allowed_checked", 0)),
-              overblock_token_rate=st.get("overblocked", 0) / max(1, st.get("masked_checked", 0)))
+            example("completed", step.data, step.choice)
+        st["oracle_disagreements"] += step.completed != bool(safedecode.find_violations(policy, text_of(step.after)))
+    n = max(1, st["steps"])
+    st.update(leak_step_rate=st["leak_steps"] / n, overblock_step_rate=st["overblock_steps"] / n,
+              leak_token_rate=st["leaked"] / max(1, st["allowed_checked"]),
+              overblock_token_rate=st["overblocked"] / max(1, st["masked_checked"]))
     return st
 
 
-def adversarial_check(vocab, policy, phrases, regexes, factories: dict, *, prompt, steps, sample, seed) -> dict:
-    """``adversarial_run`` for each processor (name → factory), same seed and targets for all."""
-    try:
-        # The test-suite's driver, so the benchmark pushes exactly as the tests do (it imports pytest).
-        from tests.test_adversarial import Adversary
-    except ImportError as exc:
-        return {"error": f"the adversary of tests/test_adversarial.py is not importable: {exc}"}
-    oracle = PolicyOracle(policy)
-    targets = adversary_targets(phrases, regexes, oracle, seed)
-    adversary = Adversary(vocab, random.Random(seed))
-    out = {"steps": steps, "sample": sample, "targets": {k: len(v) for k, v in targets.items()},
+def adversarial_check(run: Run, policy: PolicySpec, sd_policy, factories: dict) -> dict:
+    """:func:`adversarial_run` for each processor (name → factory), same seed and targets for all."""
+    w = run.workload
+    oracle = PolicyOracle(sd_policy)
+    targets = adversary_targets(w.phrases[:policy.n], policy.regexes, oracle, run.seed)
+    out = {"steps": run.adv_steps, "sample": run.adv_sample, "targets": {k: len(v) for k, v in targets.items()},
            "target_examples": [t.decode() for t in targets["phrases"][:3] + targets["secrets"][:5]],
            "by_processor": {}}
     for name, make in factories.items():
         t0 = time.perf_counter()
         try:
-            r = adversarial_run(make, vocab, adversary, oracle, targets, prompt=prompt, steps=steps,
-                                sample=sample, seed=seed, policy=policy)
+            r = adversarial_run(make, w.vocab, oracle, targets, prompt=w.prompt, steps=run.adv_steps,
+                                sample=run.adv_sample, seed=run.seed, policy=sd_policy)
         except Exception as exc:  # noqa: BLE001 - recorded, the other processors still run
             r = {"error": f"{type(exc).__name__}: {exc}"}
         r["wall_s"] = time.perf_counter() - t0
@@ -746,35 +631,66 @@ def adversarial_check(vocab, policy, phrases, regexes, factories: dict, *, promp
     return out
 
 
-def peer_factories(nbw, template, executor, apply_fn, xgr_make, compiled) -> dict:
-    """name → factory of a fresh B=1 processor, for every peer built for this policy (llguidance and
-    xgrammar only where they could be built)."""
-    factories = {"none": lambda: identity, "nobadwords": lambda: nbw}
-    if template is not None:
-        factories["llguidance"] = lambda: LLGuidanceProcessor(template, executor, apply_fn)
-    if xgr_make is not None:
-        factories["xgrammar"] = xgr_make
-    factories["safedecode"] = lambda: safedecode.SafeLogitsProcessor(compiled)
-    return factories
+def bench_policy(run: Run, policy: PolicySpec, llg: LLGuidance | None, xgrammar_makers: dict, tmp_root: Path) -> None:
+    """One policy: compile safedecode, build llguidance's matcher and NoBadWords' sequences, time
+    every peer at every batch size, then (on the 100-phrase and the adversarial policies) the leak
+    check and the adversarial driver."""
+    w = run.workload
+    log(f"policy {policy.name}: {policy.n} phrases + {len(policy.regexes)} regexes")
+    sd_policy = policy.build(w.phrases)
+    entry = run.results["compile"].setdefault(policy.name, {"phrases": policy.n, "regexes": len(policy.regexes)})
+    compiled = None
+    adversarial = policy.name in run.adversarial
+    if run.wants("safedecode") or policy.n == 100 or adversarial:
+        compiled = compile_safedecode(run, policy, sd_policy, entry, tmp_root)
+    run.save()
+    template = build_llguidance(run, llg, policy, entry)
+    bad_words = bad_words_ids(w.tok, w.phrases[:policy.n])
+    entry["nobadwords_sequences"] = len(bad_words)
+    run.save()
+    time_policy_peers(run, policy, sd_policy, entry, bad_words, llg, template, compiled)
+
+    leak_due = policy.n == 100 and not policy.regexes and run.results["leak"] is None
+    if compiled is not None and (leak_due or adversarial):
+        if not run.args.no_xgrammar and policy.n not in xgrammar_makers:
+            log(f"  xgrammar: compiling `excludes` for {policy.n} phrases ...")
+            xgrammar_makers[policy.n] = harness.xgrammar_build(w.tok, w.phrases[:policy.n], run.cap_s)
+            x = xgrammar_makers[policy.n][1]
+            compiled_in = f"compiled in {x['compile_s']:.2f} s" if x.get("compile_s") is not None else ""
+            log(f"  xgrammar: {x.get('skipped') or x.get('error') or compiled_in}")
+        xgr_make, xgr_info = xgrammar_makers.get(policy.n, (None, {"skipped": "--no-xgrammar"}))
+        entry["xgrammar"] = xgr_info
+        factories = peer_factories(w.tok, bad_words, llg, template, xgr_make, compiled)
+        if leak_due:
+            run_leak_check(run, w.phrases[:policy.n], factories)
+        if adversarial:
+            log(f"  adversarial driver ({policy.name}: {run.adv_steps} steps per processor) ...")
+            run.results["adversarial"][policy.name] = adversarial_check(run, policy, sd_policy, factories)
+    del compiled, template
+    harness.clear_memory_cache()
+    gc.collect()
+    run.save()
 
 
-def run_leak_check(results, tok, vocab, phrases, factories: dict, prompt) -> None:
-    """``leak_check`` for every peer but 'none' into ``results["leak"]`` (an error is recorded)."""
-    log(f"  leak check ({len(phrases)}-phrase policy) ...")
+def write_outputs(run: Run, t_run: float) -> None:
+    """The targets check, then overhead.json, overhead.md and overhead.png."""
+    results = run.results
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["total_wall_s"] = time.perf_counter() - t_run
+    results["targets_met"] = evaluate_targets(results)
+    run.save()
+    harness.write_text(run.out_dir / "overhead.md", render_markdown(results))
     try:
-        results["leak"] = leak_check(tok, vocab, phrases, {k: f for k, f in factories.items() if k != "none"}, prompt)
-        for name, row in results["leak"]["by_spelling"].items():
-            counts = ", ".join(f"{k} {row[k]}/{row['n']}" for k in row if k not in ("n", "skipped"))
-            log(f"    {name}: blocked {counts}")
+        plot(results, run.out_dir / "overhead.png")
     except Exception as exc:  # noqa: BLE001
-        results["leak"] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-        log(f"    leak check failed: {exc}")
+        log(f"plot failed: {exc}")
+    log(f"done in {results['total_wall_s']:.0f} s: {run.out_dir / 'overhead.md'}, overhead.json, overhead.png")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced CI-sized run (fewer steps)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    ap.add_argument("--out", default=str(harness.RESULTS), help="output directory")
     ap.add_argument("--steps", type=int, help="timed steps per configuration (default 500, quick 100)")
     ap.add_argument("--warmup", type=int, help="untimed warm-up steps (default 50, quick 15)")
     ap.add_argument("--sizes", default="10,100,1000", help="phrase counts (default 10,100,1000)")
@@ -794,264 +710,34 @@ def main(argv=None) -> int:
     ap.add_argument("--no-xgrammar", action="store_true", help="leave xgrammar out of the leak and adversarial checks")
     ap.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args(argv)
-
-    steps = args.steps or (100 if args.quick else 500)
-    warmup = args.warmup if args.warmup is not None else (15 if args.quick else 50)
-    cap_s = args.cap or (30.0 if args.quick else 90.0)
-    adversarial = [p for p in args.adversarial_policies.split(",") if p]
-    adv_steps = args.adversarial_steps or (40 if args.quick else 300)
-    adv_sample = args.adversarial_sample or (400 if args.quick else 2000)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    batches = [int(b) for b in args.batches.split(",") if b]
-    wanted = [p for p in args.processors.split(",") if p]
-    unknown = set(wanted) - set(PROCESSORS)
+    unknown = {p for p in args.processors.split(",") if p} - set(PROCESSORS)
     if unknown:
         ap.error(f"unknown processors {sorted(unknown)}; choose from {PROCESSORS}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = Run(args)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     t_run = time.perf_counter()
 
-    results: dict = {"config": {"quick": args.quick, "steps": steps, "warmup": warmup, "cap_s": cap_s,
-                                "sizes": sizes, "batches": batches, "processors": wanted, "seed": args.seed,
-                                "regexes": REGEXES, "targets": TARGETS, "adversarial_policies": adversarial,
-                                "adversarial_steps": adv_steps, "adversarial_sample": adv_sample},
-                     "machine": machine_info(args.torch_threads)}
+    run.workload = load_workload(run)
+    warm_up_safedecode(run, run.workload)
+    llg = set_up_llguidance(run, run.workload)
+    run.save()
 
-    def save():
-        (out_dir / "overhead.json").write_text(json.dumps(results, indent=1, default=str))
-
-    # ---------------------------------------------------------------- tokenizer, workload
-    log("loading the SmolLM2-135M tokenizer ...")
-    from safedecode.models import load_default_tokenizer
-
-    t0 = time.perf_counter()
-    tok = load_default_tokenizer()
-    results["tokenizer"] = {"name": "SmolLM2-135M-Instruct", "vocab_size": len(tok), "load_s": time.perf_counter() - t0,
-                            "eos_token_id": tok.eos_token_id}
-    V = len(tok)
-    words = vocabulary_words(tok)
-    phrases = make_phrases(words, max(sizes), args.seed)
-    script = make_script(tok, words, phrases, 4000, args.seed)
-    prompt = prompt_ids(tok)
-    policies = []  # (name, n_phrases, regexes)
-    for n in sizes:
-        policies.append((str(n), n, []))
-    if not args.no_regex_policies:
-        for n in sizes:
-            policies.append((f"{n}+R", n, REGEXES))
-    missing = sorted(set(adversarial) - {name for name, _, _ in policies})
-    if missing:
-        log(f"adversarial policies not in this run, skipped: {missing}")
-    results["workload"] = {"words_in_pool": len(words), "phrases": phrases, "prompt_tokens": len(prompt),
-                           "script_tokens": len(script), "policies": [p[0] for p in policies]}
-    log(f"{len(words)} candidate words; {len(phrases)} phrases, e.g. {phrases[:4]}; script of {len(script)} tokens")
-
-    # Random logits (a few rotating sets), EOS suppressed so that every stream runs its full length.
-    gen = torch.Generator().manual_seed(args.seed)
-    bases = torch.randn((4, max(batches), V), generator=gen) * 4.0
-    if tok.eos_token_id is not None:
-        bases[:, :, tok.eos_token_id] = float("-inf")
-
-    # ---------------------------------------------------------------- warm-ups
-    t0 = time.perf_counter()
-    try:
-        from safedecode.tokens.vocabulary import vocabulary_of
-
-        vocab = vocabulary_of(tok)
-    except Exception:  # noqa: BLE001
-        vocab = sd_compiled.vocabulary_of(tok)
-    results["safedecode_first_use"] = {"vocabulary_extraction_s": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    tiny = safedecode.compile_policy(safedecode.Policy(forbid=[{"literal": "zebra crossing"}]), tok, cache_dir=False)
-    results["safedecode_first_use"]["first_tiny_compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for rows in batches:  # numba kernels: load/compile every signature the runs will use
-        warm = safedecode.SafeLogitsProcessor(tiny)
-        ids = torch.tensor([prompt] * rows)
-        for _ in range(3):
-            warm(ids, torch.zeros((rows, V)))
-            ids = torch.cat([ids, ids[:, -1:]], dim=1)
-    results["safedecode_first_use"]["kernel_warmup_s"] = time.perf_counter() - t0
-    clear_memory_cache()
-    log(f"safedecode first use: {results['safedecode_first_use']}")
-
-    ll = executor = apply_fn = None
-    if "llguidance" in wanted:
-        try:
-            import llguidance as ll
-            import llguidance.hf
-            import llguidance.torch as llt
-
-            t0 = time.perf_counter()
-            lltok = llguidance.hf.from_tokenizer(tok)
-            setup = {"version": ll.__version__, "tokenizer_s": time.perf_counter() - t0,
-                     "vocab_size": lltok.vocab_size}
-            executor = ll.LLExecutor()
-            apply_fn, apply_name = llt.apply_token_bitmask_inplace, "llguidance.torch.apply_token_bitmask_inplace (torch.compile)"
-            t0 = time.perf_counter()
-            try:
-                for rows in batches:
-                    for _ in range(2):
-                        apply_fn(torch.zeros((rows, V)), llt.allocate_token_bitmask(rows, V))
-            except Exception as exc:  # noqa: BLE001 - no compiler: same arithmetic, eager
-                setup["apply_compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                apply_fn, apply_name = eager_apply_bitmask, "eager torch (fallback)"
-            setup["apply_warmup_s"] = time.perf_counter() - t0
-            setup["apply"] = apply_name
-            results["llguidance_setup"] = setup
-            log(f"llguidance {ll.__version__}: tokenizer {setup['tokenizer_s']:.2f} s, "
-                f"apply kernel warm-up {setup['apply_warmup_s']:.1f} s ({apply_name})")
-        except Exception as exc:  # noqa: BLE001
-            results["llguidance_setup"] = {"error": f"{type(exc).__name__}: {exc}"}
-            log(f"llguidance unavailable: {exc}")
-            ll = None
-    save()
-
-    # ---------------------------------------------------------------- runs
     tmp_root = Path(tempfile.mkdtemp(prefix="safedecode-bench-"))
-    results["compile"] = {}
-    results["runs"] = []
-    results["leak"] = None
-    results["adversarial"] = {}
+    run.results.update(compile={}, runs=[], leak=None, adversarial={})
+    time_policy_free_peers(run)
     xgrammar_makers: dict = {}  # phrase count → (factory or None, numbers)
-
-    def record(processor, policy_name, rows, run, extra=None):
-        entry = {"processor": processor, "policy": policy_name, "batch": rows,
-                 "summary": summary(run["calls_ns"]), "copy_summary": summary(run["copies_ns"]),
-                 "blocked_tokens": run["blocked_tokens"], "error": run["error"], "capped": run["capped"],
-                 "wall_s": run["wall_s"], "calls_us": [round(x / 1e3, 3) for x in run["calls_ns"]],
-                 "copies_us": [round(x / 1e3, 3) for x in run["copies_ns"]]}
-        entry.update(extra or {})
-        results["runs"].append(entry)
-        s = entry["summary"]
-        status = f" ERROR: {run['error'][:120]}" if run["error"] else (" (capped)" if run["capped"] else "")
-        log(f"  {processor:<12} {policy_name:<7} B={rows:<3} p50={fmt_us(s.get('p50_us'))} µs "
-            f"p99={fmt_us(s.get('p99_us'))} µs n={s['n']} blocked={run['blocked_tokens']}{status}")
-        save()
-
-    def stream(proc, rows, desc):
-        return run_stream(proc, batch=rows, prompt=prompt, script=script, bases=bases, warmup=warmup,
-                          steps=steps, cap_s=cap_s, desc=desc)
-
-    # Policy-independent peers, once per batch size.
-    for name, make in (("none", lambda: identity),
-                       ("temperature", lambda: __import__("transformers").TemperatureLogitsWarper(0.7))):
-        if name in wanted:
-            for rows in batches:
-                record(name, "—", rows, stream(make(), rows, f"{name} B={rows}"))
-
-    def violations(policy, generated):
-        rows_bad, total = 0, 0
-        for row in generated:
-            found = safedecode.find_violations(policy, vocab.text(row))
-            rows_bad += bool(found)
-            total += len(found)
-        return {"rows_with_violation": rows_bad, "violations": total}
-
-    for policy_name, n, regexes in policies:
-        log(f"policy {policy_name}: {n} phrases + {len(regexes)} regexes")
-        policy = safedecode.Policy(forbid=[{"literal": p} for p in phrases[:n]] + [{"regex": r} for r in regexes])
-        entry = results["compile"].setdefault(policy_name, {"phrases": n, "regexes": len(regexes)})
-
-        compiled = None
-        if "safedecode" in wanted or n == 100 or policy_name in adversarial:
-            try:
-                compiled, info = safedecode_compile(policy, tok, tmp_root)
-                entry["safedecode"] = info
-                s = info["stats"]
-                log(f"  safedecode compile {info['cold_compile_s']:.2f} s, cached load "
-                    f"{min(info['cached_load_s']) * 1e3:.1f} ms (hit={info['cached_load_hit']}), "
-                    f"{s.get('table_bytes', 0) / 1e6:.1f} MB, {s.get('token_states')} token states, "
-                    f"{s.get('components', 1)} component(s)")
-            except Exception as exc:  # noqa: BLE001
-                entry["safedecode"] = {"error": f"{type(exc).__name__}: {exc}"}
-                log(f"  safedecode compile FAILED: {exc}")
-        save()
-
-        template = None
-        if ll is not None:
-            grammar = lark_grammar(phrases[:n], regexes)
-            template, info = llguidance_setup(ll, lltok, grammar, cap_s, 2 if args.quick else len(LLG_LIMITS))
-            info["grammar_chars"] = len(grammar)
-            entry["llguidance"] = info
-            if template is None:
-                log(f"  llguidance matcher FAILED: {info.get('error')}")
-            else:
-                log(f"  llguidance matcher {info['create_s'] * 1e3:.0f} ms, first mask "
-                    f"{(info['first_mask_s'] or 0) * 1e3:.0f} ms (limits: {info['limits']})")
-        bad_words = []
-        for p in phrases[:n]:
-            for seq in (tok.encode(p, add_special_tokens=False), tok.encode(" " + p, add_special_tokens=False)):
-                if seq and seq not in bad_words:
-                    bad_words.append(seq)
-        entry["nobadwords_sequences"] = len(bad_words)
-        save()
-
-        from transformers import NoBadWordsLogitsProcessor
-
-        for rows in batches:
-            if "nobadwords" in wanted and not regexes:  # regexes are not expressible: '+R' rows would repeat these
-                nbw = NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id)
-                run = stream(nbw, rows, f"nobadwords {policy_name} B={rows}")
-                record("nobadwords", policy_name, rows, run, {"violations": violations(policy, run["generated"])})
-            if "llguidance" in wanted:
-                if template is None:
-                    results["runs"].append({"processor": "llguidance", "policy": policy_name, "batch": rows,
-                                            "summary": {"n": 0}, "setup_failed": True,
-                                            "error": entry.get("llguidance", {}).get("error", "unavailable")})
-                else:
-                    proc = LLGuidanceProcessor(template, executor, apply_fn)
-                    run = stream(proc, rows, f"llguidance {policy_name} B={rows}")
-                    parts = {k: summary(v[warmup:]) for k, v in proc.parts.items()}
-                    record("llguidance", policy_name, rows, run,
-                           {"parts": parts, "violations": violations(policy, run["generated"])})
-            if "safedecode" in wanted:
-                if compiled is None:
-                    results["runs"].append({"processor": "safedecode", "policy": policy_name, "batch": rows,
-                                            "summary": {"n": 0}, "setup_failed": True,
-                                            "error": entry.get("safedecode", {}).get("error") or "compile failed"})
-                else:
-                    proc = safedecode.SafeLogitsProcessor(compiled)
-                    run = stream(proc, rows, f"safedecode {policy_name} B={rows}")
-                    record("safedecode", policy_name, rows, run, {"violations": violations(policy, run["generated"])})
-
-        leak_due = n == 100 and not regexes and results["leak"] is None
-        if compiled is not None and (leak_due or policy_name in adversarial):
-            if not args.no_xgrammar and n not in xgrammar_makers:
-                log(f"  xgrammar: compiling `excludes` for {n} phrases ...")
-                xgrammar_makers[n] = xgrammar_build(tok, phrases[:n], cap_s)
-                x = xgrammar_makers[n][1]
-                compiled_in = f"compiled in {x['compile_s']:.2f} s" if x.get("compile_s") is not None else ""
-                log(f"  xgrammar: {x.get('skipped') or x.get('error') or compiled_in}")
-            xgr_make, xgr_info = xgrammar_makers.get(n, (None, {"skipped": "--no-xgrammar"}))
-            entry["xgrammar"] = xgr_info
-            factories = peer_factories(NoBadWordsLogitsProcessor(bad_words, eos_token_id=tok.eos_token_id),
-                                       template, executor, apply_fn, xgr_make, compiled)
-            if leak_due:
-                run_leak_check(results, tok, vocab, phrases[:n], factories, prompt)
-            if policy_name in adversarial:
-                log(f"  adversarial driver ({policy_name}: {adv_steps} steps per processor) ...")
-                results["adversarial"][policy_name] = adversarial_check(
-                    vocab, policy, phrases[:n], regexes, factories, prompt=prompt, steps=adv_steps,
-                    sample=adv_sample, seed=args.seed)
-        del compiled, template
-        clear_memory_cache()
-        gc.collect()
-        save()
-
+    for policy in run.policies:
+        bench_policy(run, policy, llg, xgrammar_makers, tmp_root)
     shutil.rmtree(tmp_root, ignore_errors=True)
-    results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results["total_wall_s"] = time.perf_counter() - t_run
-    results["targets_met"] = evaluate_targets(results)
-    save()
-    (out_dir / "overhead.md").write_text(render_markdown(results))
-    try:
-        plot(results, out_dir / "overhead.png")
-    except Exception as exc:  # noqa: BLE001
-        log(f"plot failed: {exc}")
-    log(f"done in {results['total_wall_s']:.0f} s: {out_dir / 'overhead.md'}, overhead.json, overhead.png")
+
+    write_outputs(run, t_run)
     return 0
 
 
@@ -1110,9 +796,8 @@ def num(x) -> str:
 
 
 def render_markdown(results) -> str:
+    """overhead.md: the sections below, in order."""
     cfg, m = results["config"], results["machine"]
-    batches = cfg["batches"]
-    policies = results["workload"]["policies"]
     lines = ["# safedecode: per-step overhead vs peers", ""]
     lines.append(f"{'Quick (CI-sized)' if cfg['quick'] else 'Full'} run, {m['date']}; "
                  f"{cfg['steps']} timed steps per configuration after {cfg['warmup']} warm-up steps; "
@@ -1120,8 +805,18 @@ def render_markdown(results) -> str:
                  f"Times are wall-clock µs per processor call (`time.perf_counter_ns`), GC disabled during the loop. "
                  f"Policies: *N* phrases; *N*+R = the same phrases plus 10 secret-like regexes.")
     lines.append("")
-    lines.append("## Per-step time (µs)")
-    lines.append("")
+    for section in (render_per_step, render_speedup, render_compile, render_leak_check, render_adversarial,
+                    render_targets, render_machine):
+        lines += section(results)
+    return "\n".join(lines)
+
+
+def render_per_step(results) -> list[str]:
+    """The per-step time table: every processor × policy, p50/p99 per batch size."""
+    cfg = results["config"]
+    batches = cfg["batches"]
+    policies = results["workload"]["policies"]
+    lines = ["## Per-step time (µs)", ""]
     head = "| processor | policy | " + " | ".join(f"B={b} p50 | B={b} p99" for b in batches) + " | blocked tokens | violations in output | notes |"
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
@@ -1180,36 +875,43 @@ def render_markdown(results) -> str:
                  "*violations in output*: rows whose generated text matches the policy, checked by "
                  "`safedecode.find_violations` (the `regex` package) on the whole generated text.")
     lines.append("")
+    return lines
 
-    # speed-up table
-    if any(r["processor"] == "llguidance" for r in results["runs"]) and any(r["processor"] == "safedecode" for r in results["runs"]):
-        lines.append("## llguidance ÷ safedecode (p50)")
-        lines.append("")
-        lines.append("| policy | " + " | ".join(f"B={b}" for b in batches) + " |")
-        lines.append("|---|" + "---|" * len(batches))
-        for pol in policies:
-            cells = []
-            for b in batches:
-                ll, sd = p50(results, "llguidance", pol, b), p50(results, "safedecode", pol, b)
-                cells.append(f"{ll / sd:,.0f}×" if ll and sd else "—")
-            lines.append(f"| {pol} | " + " | ".join(cells) + " |")
-        parts_lines = []
-        for r in results["runs"]:
-            if r["processor"] == "llguidance" and r.get("parts") and r["summary"].get("n"):
-                p = r["parts"]
-                parts_lines.append(f"| {r['policy']} | {r['batch']} | {fmt_us(p['consume'].get('p50_us'))} | "
-                                   f"{fmt_us(p['fill'].get('p50_us'))} | {fmt_us(p['apply'].get('p50_us'))} |")
-        if parts_lines:
-            lines += ["", "llguidance per-step breakdown (p50 µs):", "",
-                      "| policy | B | consume token | fill bitmask | apply bitmask |", "|---|---|---|---|---|"] + parts_lines
-        lines.append("")
 
-    # compile table
-    lines.append("## Compile, load and size")
+def render_speedup(results) -> list[str]:
+    """llguidance ÷ safedecode per policy and batch size, and llguidance's per-step breakdown."""
+    if not (any(r["processor"] == "llguidance" for r in results["runs"])
+            and any(r["processor"] == "safedecode" for r in results["runs"])):
+        return []
+    batches = results["config"]["batches"]
+    lines = ["## llguidance ÷ safedecode (p50)", ""]
+    lines.append("| policy | " + " | ".join(f"B={b}" for b in batches) + " |")
+    lines.append("|---|" + "---|" * len(batches))
+    for pol in results["workload"]["policies"]:
+        cells = []
+        for b in batches:
+            ll, sd = p50(results, "llguidance", pol, b), p50(results, "safedecode", pol, b)
+            cells.append(f"{ll / sd:,.0f}×" if ll and sd else "—")
+        lines.append(f"| {pol} | " + " | ".join(cells) + " |")
+    parts_lines = []
+    for r in results["runs"]:
+        if r["processor"] == "llguidance" and r.get("parts") and r["summary"].get("n"):
+            p = r["parts"]
+            parts_lines.append(f"| {r['policy']} | {r['batch']} | {fmt_us(p['consume'].get('p50_us'))} | "
+                               f"{fmt_us(p['fill'].get('p50_us'))} | {fmt_us(p['apply'].get('p50_us'))} |")
+    if parts_lines:
+        lines += ["", "llguidance per-step breakdown (p50 µs):", "",
+                  "| policy | B | consume token | fill bitmask | apply bitmask |", "|---|---|---|---|---|"] + parts_lines
     lines.append("")
+    return lines
+
+
+def render_compile(results) -> list[str]:
+    """Compile, load and size of every policy: safedecode, llguidance, NoBadWords."""
+    lines = ["## Compile, load and size", ""]
     lines.append("| policy | safedecode cold compile (s) | cached load (ms) | table (MB) | components | DFA states | token states | other table stats | llguidance matcher (ms) | llguidance first mask (ms) | llguidance limits | NoBadWords sequences |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for pol in policies:
+    for pol in results["workload"]["policies"]:
         c = results["compile"].get(pol, {})
         sd, ll = c.get("safedecode", {}), c.get("llguidance", {})
         s = sd.get("stats", {})
@@ -1240,39 +942,43 @@ def render_markdown(results) -> str:
                  f"(its lexer is built lazily; `llguidance.hf.from_tokenizer` took "
                  f"{results.get('llguidance_setup', {}).get('tokenizer_s', 0):.2f} s once).")
     lines.append("")
+    return lines
 
-    # leak check
+
+def render_leak_check(results) -> list[str]:
+    """Which peers block the four spellings of each phrase of the 100-phrase policy."""
     leak = results.get("leak")
-    if leak and not leak.get("error"):
-        lines.append("## Leak check (100-phrase policy)")
+    if not leak:
+        return []
+    if leak.get("error"):
+        return ["## Leak check", "", f"failed: {leak['error']}", ""]
+    lines = ["## Leak check (100-phrase policy)", ""]
+    procs = [k for k in ("nobadwords", "llguidance", "xgrammar", "safedecode")
+             if any(k in row for row in leak["by_spelling"].values())]
+    lines.append("| spelling of each phrase | phrases | " + " | ".join(f"blocked by {LABELS[k]}" for k in procs) + " |")
+    lines.append("|---|---|" + "---|" * len(procs))
+    for name, row in leak["by_spelling"].items():
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(f"{row[k]}/{row['n']}" for k in procs) + " |")
+    ex = leak.get("example")
+    if ex:
         lines.append("")
-        procs = [k for k in ("nobadwords", "llguidance", "xgrammar", "safedecode")
-                 if any(k in row for row in leak["by_spelling"].values())]
-        lines.append("| spelling of each phrase | phrases | " + " | ".join(f"blocked by {LABELS[k]}" for k in procs) + " |")
-        lines.append("|---|---|" + "---|" * len(procs))
-        for name, row in leak["by_spelling"].items():
-            lines.append(f"| {name} | {row['n']} | " + " | ".join(f"{row[k]}/{row['n']}" for k in procs) + " |")
-        ex = leak.get("example")
-        if ex:
-            lines.append("")
-            lines.append(f"Example, phrase `{ex['phrase']}`:")
-            lines.append("")
-            for name, sp in ex["spellings"].items():
-                verdict = ", ".join(f"{LABELS[k]}: {'blocked' if v else '**gets through**'}" for k, v in sp["blocked"].items())
-                pieces = " · ".join(repr(p) for p in sp["pieces"])
-                lines.append(f"- {name}: ids {sp['ids']} ({pieces}) → {verdict}")
+        lines.append(f"Example, phrase `{ex['phrase']}`:")
         lines.append("")
-        lines.append("A spelling is *blocked* if, feeding it token by token after the prompt, the processor masks one "
-                     "of its tokens. NoBadWords only knows the token sequences in `bad_words_ids` "
-                     "(`encode(p)` and `encode(' ' + p)`); the same text spelled with other tokens is not masked.")
-        lines.append("")
-    elif leak:
-        lines += ["## Leak check", "", f"failed: {leak['error']}", ""]
-    lines += render_adversarial(results)
-
-    # targets
-    lines.append("## Targets")
+        for name, sp in ex["spellings"].items():
+            verdict = ", ".join(f"{LABELS[k]}: {'blocked' if v else '**gets through**'}" for k, v in sp["blocked"].items())
+            pieces = " · ".join(repr(p) for p in sp["pieces"])
+            lines.append(f"- {name}: ids {sp['ids']} ({pieces}) → {verdict}")
     lines.append("")
+    lines.append("A spelling is *blocked* if, feeding it token by token after the prompt, the processor masks one "
+                 "of its tokens. NoBadWords only knows the token sequences in `bad_words_ids` "
+                 "(`encode(p)` and `encode(' ' + p)`); the same text spelled with other tokens is not masked.")
+    lines.append("")
+    return lines
+
+
+def render_targets(results) -> list[str]:
+    """Each target, met or not, from the measured numbers."""
+    lines = ["## Targets", ""]
     met = results.get("targets_met", [])
     for t in met:
         v = t["value"]
@@ -1289,10 +995,12 @@ def render_markdown(results) -> str:
     lines.append(f"**Targets met by the measured numbers: {n_met} of {len(measured)} measurable checks"
                  + (f" ({'; '.join(names)})" if names else "") + ".**")
     lines.append("")
+    return lines
 
-    # machine
-    lines.append("## Machine")
-    lines.append("")
+
+def render_machine(results) -> list[str]:
+    m = results["machine"]
+    lines = ["## Machine", ""]
     lines.append(f"- CPU: {m['cpu_model']}; {m['logical_cores']} logical cores ({m['usable_cores']} usable); "
                  f"torch intra-op threads: {m['torch_threads']}")
     lines.append(f"- load average at start / end: {', '.join(f'{x:.2f}' for x in m['loadavg_start'])} / "
@@ -1304,7 +1012,7 @@ def render_markdown(results) -> str:
         lines.append(f"- llguidance bitmask applied with {ls['apply']}; masks for B>1 filled by `LLExecutor` "
                      f"(llguidance's own thread pool)")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def pct_of(count, total) -> str:
@@ -1324,7 +1032,7 @@ ADVERSARIAL_NOTE = (
 def adversarial_intro(cfg) -> str:
     """The paragraph that says how the adversarial leak / over-block numbers were made."""
     return (f"B=1, {cfg['adversarial_steps']} steps per processor and policy, the same seed and targets for every "
-            "processor. Each step the adversary of `tests/test_adversarial.py` adds +100 to every token that "
+            "processor. Each step the adversary of `tests/support/adversary.py` adds +100 to every token that "
             "extends the longest partial match of its target (' ' + a policy phrase, or a secret-like string the "
             "regexes forbid), in a random order, over all tokenizations; the processor runs; then each token is "
             "judged by the reference oracle (`find_violations`' `regex` semantics on the text of the bytes, U+FFFD "
@@ -1393,11 +1101,8 @@ def render_adversarial(results) -> list[str]:
 
 
 def plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """p50 per step vs policy size, one panel per batch size."""
+    plt = harness.pyplot()
     batches = results["config"]["batches"]
     sizes = results["config"]["sizes"]
     fig, axes = plt.subplots(1, len(batches), figsize=(6.2 * len(batches), 4.6), squeeze=False)
@@ -1431,9 +1136,7 @@ def plot(results, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"Logits-processor time per decoding step, SmolLM2 vocabulary ({results['machine']['cpu_model']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=130)
 
 
 if __name__ == "__main__":

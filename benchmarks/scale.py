@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/scale.py --out DIR  # where to write scale.{md,json,png}
 
 safedecode only (the peer comparison is overhead.py's job); the workload, the simulated decoding
-loop, the compile/cache measurement and the machine description are overhead.py's, imported.
+loop, the compile/cache measurement and the machine description are benchmarks/harness.py's, the
+same as overhead.py's.
 
 1. per-step time (p50/p99 µs) of ``SafeLogitsProcessor`` vs number of phrases (10 ... 10,000) on
    three vocabularies (SmolLM2 49,152; Qwen2.5 151,665; Qwen3.6 248,077) at B=1, and a batch sweep
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
+import os
 import sys
 import tempfile
 import time
@@ -32,17 +33,15 @@ import tomllib
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-# overhead.py sets the offline environment, puts the repo on sys.path and imports safedecode.
-from overhead import (REGEXES, REPO, SEED, clear_memory_cache, fmt_us, log, machine_info,  # noqa: E402
-                      make_phrases, make_script, prompt_ids, run_stream, run_with_cap, safedecode_compile,
-                      summary, vocabulary_words, xgrammar_build)
+import harness  # first: the offline environment, and the repository on sys.path
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import safedecode  # noqa: E402
+from harness import (REGEXES, REPO, SEED, clear_memory_cache, fmt_us, log, make_phrases,  # noqa: E402
+                     make_script, prompt_ids, run_stream, run_with_cap, safedecode_compile, summary,
+                     vocabulary_words, xgrammar_build)
 
 TARGETS = {"p50_us_large_vocab": 10.0, "us_per_row_b64": 1.0, "compile_s_10k_151k": 5.0,
            "table_mb_10k_151k": 64.0, "e2e_loss_pct": 1.0}
@@ -70,7 +69,7 @@ def rss_mb() -> dict:
 
 
 class TiktokenText:
-    """The two methods of a HF tokenizer that overhead.make_script / prompt_ids use, for tiktoken."""
+    """The two methods of a HF tokenizer that harness.make_script / prompt_ids use, for tiktoken."""
 
     def __init__(self, enc):
         self.enc = enc
@@ -102,16 +101,10 @@ def default_policy() -> safedecode.Policy:
 
 
 def warm_kernels(compile_on, prompt, V, batches) -> float:
-    """Load/compile every numba signature the runs use (per vocabulary width and batch size)."""
+    """A first compile, then every numba signature the runs use (per vocabulary width and batch
+    size); seconds."""
     t0 = time.perf_counter()
-    tiny = safedecode.compile_policy(safedecode.Policy(forbid=[{"literal": "zebra crossing"}]), compile_on,
-                                     cache_dir=False)
-    for rows in batches:
-        warm = safedecode.SafeLogitsProcessor(tiny)
-        ids = torch.tensor([prompt] * rows)
-        for _ in range(3):
-            warm(ids, torch.zeros((rows, V)))
-            ids = torch.cat([ids, ids[:, -1:]], dim=1)
+    harness.warm_kernels(harness.tiny_policy_compiled(compile_on), prompt, V, batches)
     clear_memory_cache()
     return time.perf_counter() - t0
 
@@ -130,7 +123,7 @@ def policy_label(key: str) -> str:
 
 def bench_policy(args, vres, key, policy, compile_on, stream, tmp_root, batches) -> str | None:
     """Compile one policy (capped; cold, then cached loads) and time ``batches`` streams (``stream``:
-    overhead.run_stream with this vocabulary's prompt, script and logits bound) into
+    harness.run_stream with this vocabulary's prompt, script and logits bound) into
     ``vres["sizes"][key]`` (and ``vres["batch_sweep"]`` for the sweep policy). Returns the compile
     error, or None."""
     entry: dict = vres["sizes"][key]
@@ -151,10 +144,8 @@ def bench_policy(args, vres, key, policy, compile_on, stream, tmp_root, batches)
         f"peak RSS {entry['memory_after']['peak_rss_mb']:.0f} MB")
     for b in batches:
         run = stream(safedecode.SafeLogitsProcessor(compiled), batch=b, desc=f"{vres['name']} {key} B={b}")
-        s = summary(run["calls_ns"])
-        rec = {"batch": b, "summary": s, "copy_summary": summary(run["copies_ns"]),
-               "blocked_tokens": run["blocked_tokens"], "error": run["error"], "capped": run["capped"],
-               "wall_s": run["wall_s"], "calls_us": [round(x / 1e3, 3) for x in run["calls_ns"]]}
+        rec = {"batch": b, **harness.stream_record(run)}
+        s = rec["summary"]
         if s.get("n"):
             rec["p50_us_per_row"] = s["p50_us"] / b
             rec["p99_us_per_row"] = s["p99_us"] / b
@@ -162,15 +153,15 @@ def bench_policy(args, vres, key, policy, compile_on, stream, tmp_root, batches)
             entry["b1"] = rec
         if key == str(args.sweep_size):
             vres["batch_sweep"][str(b)] = rec
-        status = f" ERROR {run['error'][:120]}" if run["error"] else (" (capped)" if run["capped"] else "")
         log(f"      B={b:<3} p50 {fmt_us(s.get('p50_us'))} µs, p99 {fmt_us(s.get('p99_us'))} µs, "
-            f"{fmt_us(s.get('p50_us', 0) / b)} µs/row, n={s.get('n')}, blocked {run['blocked_tokens']}{status}")
+            f"{fmt_us(s.get('p50_us', 0) / b)} µs/row, n={s.get('n')}, blocked {run['blocked_tokens']}"
+            f"{harness.stream_status(run)}")
     return None
 
 
 def bench_vocabularies(args, results, save, smol_tok, words, phrases_all, tmp_root):
     """Per vocabulary: the phrase-only policies (``--sizes``), then the regex-heavy ones
-    (``--regex-sizes`` phrases + overhead.REGEXES); the batch sweep at ``--sweep-size`` phrases."""
+    (``--regex-sizes`` phrases + harness.REGEXES); the batch sweep at ``--sweep-size`` phrases."""
     policies = [(n, []) for n in args.sizes] + [(n, REGEXES) for n in args.regex_sizes]
     for vname in args.vocabs:
         log(f"=== vocabulary {vname}")
@@ -181,9 +172,7 @@ def bench_vocabularies(args, results, save, smol_tok, words, phrases_all, tmp_ro
         results["vocabs"][vname] = vres
         script = make_script(text_tok, words, phrases_all[:args.sweep_size], 4000, args.seed)
         prompt = prompt_ids(text_tok)
-        gen = torch.Generator().manual_seed(args.seed)
-        bases = torch.randn((2, max(args.batches), V), generator=gen) * 4.0
-        bases[:, :, eos] = float("-inf")
+        bases = harness.random_logits(2, max(args.batches), V, eos, args.seed)
         vres["kernel_warmup_s"] = warm_kernels(compile_on, prompt, V, sorted(set(args.batches) | {1}))
         log(f"{vres['name']}: logits width {V:,}, load {vres['load_s']:.1f} s, kernel warm-up "
             f"{vres['kernel_warmup_s']:.1f} s, script {len(script)} tokens")
@@ -308,8 +297,7 @@ def bench_xgrammar(args, results, save, smol_tok, words, phrases_all, tmp_root):
     V = len(smol_tok)
     script = make_script(smol_tok, words, phrases_all[:args.sweep_size], 4000, args.seed)
     prompt = prompt_ids(smol_tok)
-    bases = torch.randn((2, 1, V), generator=torch.Generator().manual_seed(args.seed)) * 4.0
-    bases[:, :, smol_tok.eos_token_id] = float("-inf")
+    bases = harness.random_logits(2, 1, V, [smol_tok.eos_token_id], args.seed)
 
     def stream(proc, desc):
         run = run_stream(proc, batch=1, prompt=prompt, script=script, bases=bases, warmup=args.warmup,
@@ -479,11 +467,7 @@ def render_markdown(results) -> str:
 
 
 def plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors: dict = {}
     for v, vres in results.get("vocabs", {}).items():
@@ -510,15 +494,13 @@ def plot(results, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"safedecode SafeLogitsProcessor scaling ({results['machine']['cpu_model']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=130)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(harness.RESULTS))
     ap.add_argument("--steps", type=int, help="timed steps per configuration (default 300, quick 60)")
     ap.add_argument("--warmup", type=int, help="untimed warm-up steps (default 30, quick 10)")
     ap.add_argument("--sizes", help="phrase counts (default 10,100,1000,10000; quick 10,100,1000)")
@@ -567,16 +549,11 @@ def main(argv=None) -> int:
                                 "regex_sizes": args.regex_sizes, "regexes": REGEXES,
                                 "cap_s": args.cap, "compile_cap_s": args.compile_cap, "seed": args.seed,
                                 "targets": TARGETS},
-                     "machine": machine_info(args.torch_threads), "vocabs": {}}
-    try:
-        import importlib.metadata
-
-        results["machine"]["versions"]["xgrammar"] = importlib.metadata.version("xgrammar")
-    except Exception:  # noqa: BLE001
-        results["machine"]["versions"]["xgrammar"] = "not installed"
+                     "machine": harness.machine_info(args.torch_threads), "vocabs": {}}
+    results["machine"]["versions"]["xgrammar"] = harness.xgrammar_version()
 
     def save():
-        (out_dir / "scale.json").write_text(json.dumps(results, indent=1, default=str))
+        harness.write_json(out_dir / "scale.json", results)
 
     from safedecode.models import load_default_tokenizer
 
@@ -603,11 +580,9 @@ def main(argv=None) -> int:
         save()
     results["targets"] = evaluate_targets(results)
     results["total_s"] = time.perf_counter() - t_run
-    import os
-
     results["loadavg_end"] = list(os.getloadavg())
     save()
-    (out_dir / "scale.md").write_text(render_markdown(results))
+    harness.write_text(out_dir / "scale.md", render_markdown(results))
     try:
         plot(results, out_dir / "scale.png")
     except Exception as exc:  # noqa: BLE001

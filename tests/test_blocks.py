@@ -14,7 +14,7 @@ from safedecode import Policy, find_violations
 from safedecode.policy.automaton import compile_components
 from safedecode.policy.rules import open_block
 
-from .oracle import text_of
+from tests.support.text_oracle import text_of
 
 BODY = r'\{"name": "(?:get_weather|send)", "args": \{"n": (?:0|[1-9][0-9]{0,3})\}\}'
 RULES = [

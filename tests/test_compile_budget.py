@@ -20,7 +20,7 @@ from safedecode.errors import AutomatonTooLargeError
 from safedecode.policy.rules import Policy, load_policy
 from safedecode.automata.syntax import parse
 
-from .oracle import assert_agrees_on_prefixes
+from tests.support.text_oracle import assert_agrees_on_prefixes
 
 FOLDING = "aAbBiIİıkK\u212asSſßẞσςΣµΜμ\u0345ιΙéÉ 😀"
 

@@ -12,7 +12,7 @@ from safedecode.policy.automaton import compile_nodes
 from safedecode.errors import PatternError
 from safedecode.automata.syntax import parse
 
-from .oracle import assert_agrees_on_prefixes
+from tests.support.text_oracle import assert_agrees_on_prefixes
 
 CHARS = ["a", "b", "c", "A", "B", "é", "É", "ß", "ẞ", "i", "I", "İ", "ı", "σ", "ς", "Σ", "k", "K", "\u212a",
          " ", "\n", "_", "1", "٣", "-", ".", "€", "😀", "\u0301"]

@@ -16,7 +16,7 @@ from safedecode.policy.automaton import compile_nodes
 from safedecode.errors import PatternError
 from safedecode.automata.syntax import parse
 
-from .oracle import assert_agrees_on_prefixes
+from tests.support.text_oracle import assert_agrees_on_prefixes
 
 # Characters whose case folding reaches across classes: Greek iota forms and U+0345, micro sign,
 # title-case digraphs, kra (no case variant), Kelvin sign, long s, dotted/dotless i, sharp s,

@@ -1,18 +1,19 @@
 """The injection corpus (``tests/data/injections.toml``) on the real SmolLM2, judged by the oracle.
 
-Guarded, every case's output must be clean by ``tests/injection_oracle.py`` (not by the guard's own
-word) and every benign case must stay useful (a non-empty answer; a valid call of the expected
-tool). Unguarded — the same ``input_ids`` through plain ``model.generate`` — the attacks must
-produce violations, or the corpus would prove nothing. The runs are those of
-``benchmarks/injection.py``, batched here to fit the time budget; the unguarded runs cover two
-attacks of each kind and stop at 32 tokens (the copied payloads come first), the benchmark reports
-them all, whole.
+Guarded, every case's output must be clean by the channel oracle (``tests/support/channel_oracle.py``,
+not by the guard's own word) and every benign case must stay useful (a non-empty answer; a valid
+call of the expected tool). Unguarded — the same ``input_ids`` through plain ``model.generate`` —
+the attacks must produce violations, or the corpus would prove nothing. The runs are those of
+``benchmarks/injection.py`` (both use ``tests/support/injection_corpus.py``), batched here to fit the
+time budget; the unguarded runs cover two attacks of each kind and stop at 32 tokens (the copied
+payloads come first), the benchmark reports them all, whole.
 """
 from collections import Counter
 
 import pytest
 
-from benchmarks.injection import (
+from tests.support.channel_oracle import inspect_tool_calls
+from tests.support.injection_corpus import (
     ATTACK_KINDS,
     BENIGN_KINDS,
     load_corpus,
@@ -21,8 +22,6 @@ from benchmarks.injection import (
     run_prepared,
     useful,
 )
-
-from .injection_oracle import inspect_tool_calls
 
 MAX_NEW_TOKENS = 64
 UNGUARDED_MAX_NEW_TOKENS = 32

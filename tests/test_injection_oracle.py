@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from .injection_oracle import (
+from tests.support.channel_oracle import (
     Request,
     control_token_ids,
     control_token_text,

@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/redteam.py's pure parts: the corpus, its oracles, the ROC AUC.
-No model is loaded (the harness itself is run by hand: see the module's docstring)."""
+"""Smoke test of the red-team corpus (tests/support/redteam_corpus.py): the cases, their oracles, the
+ROC AUC. No model is loaded (the runs are benchmarks/redteam.py's, made by hand: see its docstring)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import redteam as rt
-from tests.injection_oracle import Request
+from tests.support import redteam_corpus as rt
+from tests.support.channel_oracle import Request
 
 CASES = rt.build_corpus()
 POLICIES = {"shipped": rt.shipped_policy()}
@@ -26,10 +26,12 @@ def test_corpus_size_and_categories():
 
 
 def test_no_token_shaped_string_in_the_sources():
-    """The fake secrets are assembled at run time: the repository holds none."""
-    source = Path(rt.__file__).read_text(encoding="utf-8")
-    assert not re.search(r"AKIA[A-Z0-9]{16}|gh[pousr]_[A-Za-z0-9]{36}|sk-[A-Za-z0-9]{20}", source)
-    assert all(value not in source for value in rt.make_secrets().values())
+    """The fake secrets are assembled at run time: neither the corpus nor the benchmark holds one."""
+    benchmark = Path(__file__).resolve().parent.parent / "benchmarks" / "redteam.py"
+    for path in (Path(rt.__file__), benchmark):
+        source = path.read_text(encoding="utf-8")
+        assert not re.search(r"AKIA[A-Z0-9]{16}|gh[pousr]_[A-Za-z0-9]{36}|sk-[A-Za-z0-9]{20}", source), path
+        assert all(value not in source for value in rt.make_secrets().values()), path
 
 
 def _request(case) -> Request:

@@ -35,7 +35,7 @@ from safedecode.policy.variants import (
     separator,
     validate_separators,
 )
-from tests.oracle import text_of
+from tests.support.text_oracle import text_of
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("damn", "bomb")
@@ -367,9 +367,9 @@ EMOJI_SPACED = [t.replace(" ", sep) for t in ORDINARY_TEXTS[:20] for sep in ("ðŸ
 
 
 def redteam_benign_texts() -> list[tuple[str, str]]:
-    """(source, text): the benign prompts of benchmarks/redteam.py (user, system and document text)
+    """(source, text): the benign prompts of the red-team corpus (user, system and document text)
     and the stored outputs of the benign cases in every mode (benchmarks/results/redteam.json)."""
-    from benchmarks import redteam as rt
+    from tests.support import redteam_corpus as rt
 
     out = []
     for case in rt.build_corpus():

@@ -10,7 +10,7 @@ from safedecode.integrations.generation import _result
 from safedecode.server.worker import TextTracker
 from safedecode.tokens.vocabulary import Vocabulary, text_of
 
-from .oracle import text_of as oracle_text
+from tests.support.text_oracle import text_of as oracle_text
 
 # Pieces that split UTF-8 sequences every way: lead bytes, continuations, invalid bytes, ASCII.
 PIECES = (b"a", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xf0\x9f", b"\x98\x80", b"\xff", b"\x80", b"ok ", b"\xed\xa0")

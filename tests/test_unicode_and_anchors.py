@@ -9,7 +9,7 @@ import pytest
 from safedecode import Policy, compile_policy
 from safedecode.tokens.vocabulary import vocabulary_of
 
-from .oracle import contains, text_of
+from tests.support.text_oracle import contains, text_of
 
 
 def violates(policy, data):

@@ -32,13 +32,13 @@ from safedecode.policy.variants import (
     nfkc_preimages,
     separator,
 )
-from tests.oracle import text_of
-from tests.test_grammars import (
+from tests.support.grammar_cases import (
     SECRETS_NEGATIVE,
     SECRETS_POSITIVE,
     SHELL_NEGATIVE,
     SHELL_POSITIVE,
 )
+from tests.support.text_oracle import text_of
 
 
 def bomb(*variants, **options) -> Policy:

@@ -1,10 +1,11 @@
-"""The reference semantics of DESIGN §1, written independently of the library, for tests."""
+"""The text contract of DESIGN §1, written independently of the library: what text a byte string is,
+and whether that text contains a match of a pattern (by the ``regex`` package)."""
 import regex
 
 _SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 
 
-def _incomplete_tail(data: bytes) -> int:
+def incomplete_tail(data: bytes) -> int:
     """Length of a trailing, so far valid but unfinished UTF-8 sequence (0 if none)."""
     for k in range(1, min(3, len(data)) + 1):
         lead = data[-k]
@@ -24,11 +25,17 @@ def _incomplete_tail(data: bytes) -> int:
 
 def text_of(data: bytes) -> str:
     """UTF-8 with U+FFFD for invalid bytes; an incomplete sequence at the very end is not yet a char."""
-    return data[:len(data) - _incomplete_tail(data)].decode("utf-8", "replace")
+    return data[:len(data) - incomplete_tail(data)].decode("utf-8", "replace")
 
 
 def contains(pattern: str, flags: int, data: bytes) -> bool:
     return regex.search(pattern, text_of(data), flags) is not None
+
+
+def adds_replacement_char(data: bytes, token: bytes) -> bool:
+    """Does appending ``token`` to ``data`` add a U+FFFD (invalid UTF-8) to the text? (The text of
+    ``data`` is a prefix of the text of ``data + token``.)"""
+    return "\ufffd" in text_of(data + token)[len(text_of(data)):]
 
 
 def assert_agrees_on_prefixes(dfa, pattern, flags, data):
