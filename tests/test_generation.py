@@ -1,10 +1,20 @@
 """The processor inside real ``model.generate`` runs on the embedded SmolLM2.
 
-A checking processor placed right after the guard recomputes, for every row at every step, the
-automaton state from that row's generated tokens alone and asserts the guard masked exactly the
-ids that state forbids — so batching, left padding, beam reordering and processor reuse are all
-checked against ground truth, and every final text is checked by the ``regex`` oracle.
+A checking processor placed right after the guard recomputes, for every row at every step, from
+that row's generated tokens alone:
+
+* the ground truth, by the ``regex`` oracle on the text of the tokens' bytes (DESIGN §1, the text
+  oracle of tests/support): the text so far contains no match; every masked token among the risky
+  ones (those that continue a forbidden phrase, and digits) and a random sample of the other masked
+  tokens would create a match; every allowed risky token and a random sample of the other allowed
+  ones would not — so a wrong kernel, table or state fails here;
+* the row tracking: the guard masked exactly the ids the compiled policy forbids after that row's
+  tokens — so batching, left padding, beam reordering and processor reuse cannot mix rows up;
+
+and every final text is checked by the ``regex`` oracle.
 """
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +22,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, NoBadWordsLogitsP
 
 import safedecode
 from safedecode import Policy, SafeLogitsProcessor, find_violations
+from tests.support.adversary import Adversary
+from tests.support.policy_oracle import PolicyOracle
 
 pytestmark = pytest.mark.model
 
@@ -21,23 +33,52 @@ POLICY = Policy(forbid=[
     {"literal": " the ", "id": "the"},
     {"regex": r"\d{2}", "id": "two-digits"},
 ])
+PHRASES = [b"Paris", b"hunter2", b" the "]  # the literal rules, for the risky tokens
+SAMPLE = 150  # masked and allowed tokens judged at random per row and step, besides the risky ones
 
 
-class ExactMaskChecker(LogitsProcessor):
-    """Asserts the guard's mask equals the forbidden set recomputed from each row's own suffix."""
+class MaskChecker(LogitsProcessor):
+    """Checks the guard's mask of every row against the oracle and against that row's own tokens."""
 
     def __init__(self, guard: SafeLogitsProcessor):
         self.guard = guard
+        self.oracle = PolicyOracle(POLICY)
+        self.vocab = guard.compiled.vocabulary
+        self.adversary = Adversary(self.vocab)
+        self.digits = [i for i, b in enumerate(self.vocab.token_bytes) if b and b[:1].isdigit()]
+        self.text_ids = [i for i, b in enumerate(self.vocab.token_bytes) if b]
+        self.rng = random.Random(0)
         self.steps = 0
         self.masked_total = 0
+        self.judged = {"masked": 0, "allowed": 0}
+
+    def risky(self, data: bytes) -> set[int]:
+        """Tokens that continue a partial match of a phrase (over every tokenization), and digits."""
+        return {t for phrase in PHRASES for t in self.adversary.candidates(data, phrase)} | set(self.digits)
 
     def __call__(self, input_ids, scores):
         compiled = self.guard.compiled
         start = self.guard.prompt_length
         for row in range(input_ids.shape[0]):
-            state = compiled.walk(input_ids[row, start:].tolist())
-            expected = compiled.forbidden_ids(state, scores.shape[-1])
+            tokens = input_ids[row, start:].tolist()
             actual = np.flatnonzero(torch.isneginf(scores[row]).numpy())
+            data = b"".join(self.vocab.token_bytes[t] or b"" for t in tokens)
+            assert not self.oracle(data), f"row {row} step {self.steps}: the text so far violates: {data!r}"
+            masked = set(actual.tolist())
+            risky = self.risky(data)
+            masked_text = sorted(t for t in masked if self.vocab.token_bytes[t])
+            judged_masked = (risky & masked) | set(self.rng.sample(masked_text, min(SAMPLE, len(masked_text))))
+            for t in judged_masked:
+                assert self.oracle(data + self.vocab.token_bytes[t]), (
+                    f"row {row} step {self.steps}: {self.vocab.token_bytes[t]!r} after {data!r} is safe but masked")
+            judged_allowed = (risky | set(self.rng.sample(self.text_ids, SAMPLE))) - masked
+            for t in judged_allowed:
+                assert not self.oracle(data + self.vocab.token_bytes[t]), (
+                    f"row {row} step {self.steps}: {self.vocab.token_bytes[t]!r} after {data!r} creates a match "
+                    "but is allowed")
+            self.judged["masked"] += len(judged_masked)
+            self.judged["allowed"] += len(judged_allowed)
+            expected = compiled.forbidden_ids(compiled.walk(tokens), scores.shape[-1])
             assert np.array_equal(actual, expected), f"row {row} step {self.steps}: mask differs from its suffix's"
             self.masked_total += len(actual)
         self.steps += 1
@@ -45,7 +86,7 @@ class ExactMaskChecker(LogitsProcessor):
 
 
 def run(model, tokenizer, prompts, guard, **kwargs):
-    checker = ExactMaskChecker(guard)
+    checker = MaskChecker(guard)
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**enc, logits_processor=LogitsProcessorList([guard, checker]),
@@ -54,6 +95,7 @@ def run(model, tokenizer, prompts, guard, **kwargs):
     for text in texts:
         assert find_violations(POLICY, text) == [], text
     assert checker.steps > 0 and checker.masked_total > 0
+    assert checker.judged["masked"] > 0 and checker.judged["allowed"] > 0  # the oracle judged both ways
     return texts
 
 
