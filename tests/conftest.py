@@ -12,9 +12,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # is stable. Set before torch is first imported; export OMP_NUM_THREADS to override.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.support.sentencepiece_fixture import build_sentencepiece_tokenizer  # noqa: E402
+
+# The tests against the real vLLM run in their own environment (`make test-vllm`): elsewhere the
+# folder is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["real_vllm"]
 
 
 @pytest.fixture(scope="session")

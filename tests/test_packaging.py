@@ -144,7 +144,7 @@ def test_cli_from_outside_the_checkout(installed):
 
 def test_server_from_outside_the_checkout_answers_the_openai_client(installed, tmp_path):
     _, bin_dir, work, env = installed
-    with running_server(log=tmp_path / "serve.log", program=[str(bin_dir / "safedecode")], cwd=work, env=env) as base:
+    with running_server(log=tmp_path / "serve.log", program=[str(bin_dir / "safedecode"), "serve"], cwd=work, env=env) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
         response = client.chat.completions.with_raw_response.create(
             model=MODEL, temperature=0, max_tokens=24, extra_body={"vllm_xargs": {"safedecode": "secrets"}},
