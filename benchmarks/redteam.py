@@ -39,7 +39,6 @@ curves in ``redteam.png``.
 from __future__ import annotations
 
 import argparse
-import codecs
 import datetime as _dt
 import os
 import platform
@@ -55,6 +54,7 @@ import harness  # first: the offline environment, and the repository on sys.path
 harness.one_omp_thread()
 
 import safedecode  # noqa: E402  (light: the engine, torch and transformers load on first use)
+from safedecode.tokens.vocabulary import text_of  # noqa: E402
 from tests.support import injection_corpus  # noqa: E402
 from tests.support.channel_oracle import Request  # noqa: E402
 from tests.support.redteam_corpus import (ALLOW_HOSTS, ATTACK_CATEGORIES, BENIGN_CATEGORIES, GUARDED,  # noqa: E402
@@ -190,7 +190,7 @@ class Runner:
         contributing none; U+FFFD for invalid bytes; with ``final=False`` an incomplete sequence at
         the end is not yet a character), and the same with special tokens written out."""
         def decode(data: bytes) -> str:
-            return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=final)
+            return text_of(data, final=final)  # the library's one text rule
 
         special = self.tokenizer.convert_ids_to_tokens
         return (decode(b"".join(self.token_bytes[t] or b"" for t in ids)),
