@@ -43,28 +43,31 @@ def own(module: str) -> bool:
     return head in ("tests", "benchmarks") or head in BENCHMARK_NAMES
 
 
+def in_support(module: str) -> bool:
+    return module == "tests.support" or module.startswith("tests.support.")
+
+
+def strays(path: Path, allowed) -> list[str]:
+    """``file:line imports module`` for every import of the repository's own code that ``allowed``
+    refuses."""
+    return [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in imported(path)
+            if own(module) and not allowed(module)]
+
+
 @pytest.mark.parametrize("path", TESTS, ids=lambda p: p.name)
 def test_a_test_imports_only_the_support_package(path):
-    for line, module in imported(path):
-        if own(module):
-            assert module == "tests.support" or module.startswith("tests.support."), (
-                f"{path.name}:{line} imports {module}; shared code belongs in tests/support")
+    assert strays(path, in_support) == [], "shared code belongs in tests/support"
 
 
 @pytest.mark.parametrize("path", SUPPORT, ids=lambda p: p.name)
 def test_the_support_package_imports_only_itself(path):
-    for line, module in imported(path):
-        if own(module):
-            assert module.startswith("tests.support"), f"support/{path.name}:{line} imports {module}"
+    assert strays(path, in_support) == []
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
 def test_a_benchmark_imports_only_the_harness_and_the_support_package(path):
-    for line, module in imported(path):
-        if own(module):
-            assert module == "harness" or module.startswith("tests.support"), (
-                f"benchmarks/{path.name}:{line} imports {module}; shared code belongs in benchmarks/harness.py "
-                "or tests/support")
+    assert strays(path, lambda module: module == "harness" or in_support(module)) == [], (
+        "shared code belongs in benchmarks/harness.py or tests/support")
 
 
 def test_the_checker_sees_a_violation(tmp_path):
@@ -74,5 +77,4 @@ def test_the_checker_sees_a_violation(tmp_path):
                    "def f():\n    from benchmarks import redteam\n    import overhead\n")
     found = [module for _, module in imported(bad, package="tests.support")]
     assert found == ["tests.test_grammars", "tests.support.text_oracle", "benchmarks", "overhead"]
-    assert [m for m in found if own(m) and not m.startswith("tests.support")] == [
-        "tests.test_grammars", "benchmarks", "overhead"]
+    assert [m for m in found if own(m) and not in_support(m)] == ["tests.test_grammars", "benchmarks", "overhead"]
