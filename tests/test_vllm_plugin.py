@@ -256,7 +256,7 @@ def test_every_wire_form_gives_the_rules_it_asked_for(extra_args, expected):
     ({"safedecode": {"policy": {"forbid": [{"literal": "a"}] * 1001}}}, "rules; the limit is 1000"),
     ({"safedecode_polcy": "secrets"}, "unknown key 'safedecode_polcy' (did you mean 'safedecode_policy'?)"),
     ({"safedecodex": "secrets"}, "unknown key 'safedecodex'"),
-    ({"safedecode_allow_hosts": "a.com"}, "allow_hosts: not supported by the vLLM plugin"),
+    ({"safedecode_allow_hosts": "a.com"}, "allow_hosts: part of the channel guard; send them with a 'guard'"),
     ({"safedecode": {"policy": "secrets", "report": True}}, "report: not supported by the vLLM plugin"),
 ])
 def test_validate_params_refuses_naming_the_problem(extra_args, message):
