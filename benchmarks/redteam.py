@@ -313,6 +313,8 @@ def plot(cases: list[Case], outcomes: dict, path: Path) -> None:
     for ax, mode in zip(axes[0], GUARDED):
         for score in SCORES:
             attack, benign = _scores(cases, outcomes[mode], score)
+            if not attack or not benign:  # a --limit run without both kinds: no curve (the AUC says nan)
+                continue
             xs, ys = zip(*roc_curve(attack, benign))
             ax.plot(xs, ys, label=f"{score} (AUC {roc_auc(attack, benign):.2f})")
         ax.plot([0, 1], [0, 1], ":", color="grey")
