@@ -46,6 +46,9 @@ the numba kernels in place.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from typing import Any, Optional
 
 import torch
@@ -57,11 +60,15 @@ from ..channels.tool_schemas import tool_models
 from ..engine.compiled import compile_parts, compile_policy
 from ..engine.device_mask import device_masks
 from ..engine.guide import Guide, mask_guides, step_guides
-from ..policy.rules import Policy
+from ..policy.rules import Policy, load_policy
 from .options import request_options
 from .wire import REQUEST_LIMITS
 
 _log = logging.getLogger(__name__)
+
+#: Policies to compile when the engine starts (comma-separated names, e.g. ``secrets,exfil``), so that
+#: the first request naming one does not stall an engine step compiling it.
+PRECOMPILE_ENV = "SAFEDECODE_VLLM_PRECOMPILE"
 
 try:  # subclass vLLM's interfaces when it is installed (vLLM checks issubclass for every plugin)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
@@ -129,6 +136,27 @@ class SafeDecodeLogitsProcessor(*_BASES):
         device = self._req_states.device if self._req_states is not None else device_or_states
         self._masks = device_masks(device, is_pin_memory)  # used when the kernels cannot view the logits
         self._rows: dict[int, _Row] = {}  # V1: batch index -> row; V2: request slot -> row
+        self._tokenizer_lock = threading.Lock()
+        #: Policies compiled at start ($SAFEDECODE_VLLM_PRECOMPILE), by name; requests reuse them.
+        self.precompiled: dict[str, Any] = {}
+        names = [n.strip() for n in os.environ.get(PRECOMPILE_ENV, "").split(",") if n.strip()]
+        self._warmup = threading.Thread(target=self._precompile, args=(names,), daemon=True,
+                                        name="safedecode-precompile") if names else None
+        if self._warmup is not None:
+            self._warmup.start()
+
+    def _precompile(self, names: list) -> None:
+        """Load the tokenizer and compile ``names`` in the background (the engine keeps starting).
+        A name that fails is logged, never fatal: vLLM must start; a request naming it is refused."""
+        for name in names:
+            try:
+                start = time.perf_counter()
+                self.precompiled[name] = compile_policy(load_policy(name), self.tokenizer,
+                                                        max_states=REQUEST_LIMITS.max_states)
+                _log.info("safedecode: policy %r ready in %.1f s", name, time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001 - logged with its reason; requests still validate
+                _log.error("safedecode: %s=%r: cannot precompile %r: %s", PRECOMPILE_ENV,
+                           os.environ.get(PRECOMPILE_ENV), name, exc)
 
     def is_argmax_invariant(self) -> bool:
         """False: masking can remove the most likely token."""
@@ -229,18 +257,22 @@ class SafeDecodeLogitsProcessor(*_BASES):
 
     @property
     def tokenizer(self):
-        """The tokenizer policies are compiled against (loaded on first use)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+        """The tokenizer policies are compiled against (loaded on first use, once)."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
 
-            config = self._vllm_config.model_config
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                config.tokenizer, revision=getattr(config, "tokenizer_revision", None),
-                trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
-        return self._tokenizer
+                config = self._vllm_config.model_config
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    config.tokenizer, revision=getattr(config, "tokenizer_revision", None),
+                    trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
+            return self._tokenizer
 
     def _new_row(self, params, output: list) -> Optional[_Row]:
         """The row state of a newly added request, or None when it has no safedecode config."""
+        if self._warmup is not None:  # a request during the warm-up waits for it rather than compile twice
+            self._warmup.join()
+            self._warmup = None
         try:
             options = request_options(getattr(params, "extra_args", None))
             if options.guard is not None:  # the conversation's channel guard, as Conversation.guard builds it
