@@ -98,12 +98,19 @@ _FAIL_CLOSED = Policy(forbid=[{"literal": "\x00", "id": "safedecode-fail-closed"
 
 class _Row:
     """One guarded request: its :class:`Guide`, its live output list, and how many of its ids the
-    guide has read (``consumed``)."""
+    guide has read (``consumed``). A row whose config could not be compiled is ``failed``: it stays
+    stopped whatever happens to its output (fail closed)."""
 
-    __slots__ = ("guide", "output", "consumed")
+    __slots__ = ("guide", "output", "consumed", "failed")
 
-    def __init__(self, guide: Guide, output: list):
-        self.guide, self.output, self.consumed = guide, output, 0
+    def __init__(self, guide: Guide, output: list, failed: bool = False):
+        self.guide, self.output, self.consumed, self.failed = guide, output, 0, failed
+
+    def start_over(self) -> None:
+        """The engine rewrote the output: read it again from the start."""
+        self.consumed, self.guide = 0, Guide(self.guide.compiled)
+        if self.failed:
+            self.guide.stop()
 
 
 class SafeDecodeLogitsProcessor(*_BASES):
@@ -195,7 +202,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
         rows = list(self._rows.values())
         for row in rows:
             if len(row.output) < row.consumed:  # the engine rewrote the list: start over
-                row.consumed, row.guide = 0, Guide(row.guide.compiled)
+                row.start_over()
         # The ids appended since the last step; a negative one is a placeholder for a token not
         # known yet (async scheduling): not consumed, and that row fails closed this step.
         read = step_guides(logits, list(self._rows), [row.guide for row in rows],
@@ -235,7 +242,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
             start = int(states.prompt_len.np[slot])
             end = int(states.total_len.gpu[slot])
             if end < start + row.consumed:  # fewer committed tokens than read: start over
-                row.consumed, row.guide = 0, Guide(row.guide.compiled)
+                row.start_over()
             if end > start + row.consumed:
                 new = states.all_token_ids.gpu[slot, start + row.consumed:end].tolist()
                 row.guide.advance_all(new)
@@ -288,4 +295,4 @@ class SafeDecodeLogitsProcessor(*_BASES):
             _log.error("safedecode: request fails closed (it can only end): %s", exc)
             guide = Guide(compile_policy(_FAIL_CLOSED, self.tokenizer))
             guide.stop()
-            return _Row(guide, output)
+            return _Row(guide, output, failed=True)
