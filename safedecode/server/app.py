@@ -51,14 +51,15 @@ from .schemas import (
     ChatRequest,
     CompletionRequest,
 )
-from .worker import Engine, Job, Outcome, ServerBusyError, TextTracker
+from .upstream import UpstreamError
+from .worker import Engine, EngineBase, Job, Outcome, ServerBusyError, TextTracker
 
 
 class ApiError(Exception):
     """An HTTP error with an OpenAI-shaped body."""
 
     TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-             500: "internal_error", 503: "server_busy"}
+             500: "internal_error", 502: "upstream_error", 503: "server_busy", 504: "upstream_timeout"}
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -72,6 +73,8 @@ class ApiError(Exception):
             return cls(413, str(exc))
         if isinstance(exc, ServerBusyError):
             return cls(503, str(exc))
+        if isinstance(exc, UpstreamError):
+            return cls(exc.status, str(exc))
         if isinstance(exc, ToolCallError):  # impossible under the guard: a server fault, not the client's
             return cls(500, f"invalid tool call in the output: {exc}")
         if isinstance(exc, SafeDecodeError):
@@ -132,13 +135,15 @@ class Prepared:
 
 
 class Server:
-    """The application's state: the engine, the model's chat format and the default policy."""
+    """The application's state: the engine (embedded or upstream: :class:`~.worker.EngineBase`), the
+    model's chat format and the default policy."""
 
-    def __init__(self, engine: Engine, model_name: str, default_policy: Optional[Policy] = None):
+    def __init__(self, engine: EngineBase, model_name: str, default_policy: Optional[Policy] = None):
         from ..channels.chat_format import detect_chat_format
 
         self.engine, self.model_name, self.default_policy = engine, model_name, default_policy
         self.created = int(time.time())
+        self.policy_names = policy_names() if engine.remote else {}
         self.prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safedecode-prepare")
         try:
             self.format, self.format_error = detect_chat_format(engine.tokenizer), None
@@ -158,17 +163,29 @@ class Server:
                                 f"model's context length of {self.engine.context_length} tokens")
         return max_tokens
 
-    def _job(self, body, ids, processor, tracker, max_tokens) -> Job:
+    def _options(self, body) -> RequestOptions:
+        """The request's options (the one wire format), and what this engine cannot honour refused."""
+        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
+        if options.guard is not None:
+            raise ApiError(400, "safedecode.guard: the server builds the conversation's guard itself; the guard "
+                                "object is for engines that receive token ids (the vLLM plugin)")
+        if self.engine.remote and options.telemetry_options():
+            raise ApiError(400, "safedecode.report, safedecode.stop_threshold: not available behind --upstream "
+                                "(the guard runs inside vLLM, which does not return the blocked mass)")
+        return options
+
+    def _job(self, body, ids, processor, tracker, max_tokens, wire: Optional[dict] = None) -> Job:
+        """The engine's job; ``wire``: the guard as wire options, for an engine that guards remotely."""
         return Job(input_ids=ids, processor=processor, tracker=tracker, max_tokens=max_tokens,
                    temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                   stream=body.stream)
+                   stream=body.stream, wire=wire)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         from ..adapters.processor import SafeLogitsProcessor
         from ..engine.compiled import compile_parts
         from ..tokens.vocabulary import vocabulary_of
 
-        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
+        options = self._options(body)
         if options.channel_options:
             raise ApiError(400, f"{', '.join(options.channel_options)}: these options apply to "
                                 f"/v1/chat/completions only")
@@ -183,23 +200,29 @@ class Server:
             else None
         vocabulary = processor.compiled.vocabulary if processor else vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
-        return Prepared(self._job(body, ids, processor, tracker, max_tokens), "completion", {})
+        wire = {"policy": policy_wire(options, self.policy_names)} if guarded and self.engine.remote else None
+        return Prepared(self._job(body, ids, processor, tracker, max_tokens, wire), "completion", {})
 
     def prepare_chat(self, body: ChatRequest) -> Prepared:
         if self.format is None:
             raise ApiError(400, f"chat is not available for this model: {self.format_error}")
-        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
+        options = self._options(body)
         conversation = build_conversation(Conversation(self.engine.tokenizer, self.format), body.messages, options)
         models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
         encoded = conversation.encode(models or None)
-        guard = conversation.guard(policy=options.parts, tools=models or None, allow_hosts=options.allow_hosts,
-                                   leak_window=options.leak_window, tool_choice=choice,
-                                   max_states=REQUEST_LIMITS.max_states, budget=options.budgets,
+        what = dict(policy=options.parts, tools=models or None, allow_hosts=options.allow_hosts,
+                    leak_window=options.leak_window, tool_choice=choice)
+        guard = conversation.guard(**what, max_states=REQUEST_LIMITS.max_states, budget=options.budgets,
                                    **options.telemetry_options())
         pause = self.format.tool_call_open.strip() if models else None
         tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
         max_tokens = self._budget(DEFAULT_CHAT_TOKENS, len(encoded), body.max_completion_tokens or body.max_tokens)
-        job = self._job(body, list(encoded.input_ids), guard, tracker, max_tokens)
+        wire = None
+        if self.engine.remote:  # the same guard as data: the spec Conversation.guard compiled, and the policies
+            chosen = {m.__name__ for m in models}
+            definitions = [t.model_dump(exclude_none=True) for t in body.tools or () if t.function.name in chosen]
+            wire = dict(conversation.guard_spec(**what).to_wire(definitions), policy=policy_wire(options, self.policy_names))
+        job = self._job(body, list(encoded.input_ids), guard, tracker, max_tokens, wire)
         return Prepared(job, "chat", declare_tools(models), self.format, conversation.trusted_text)
 
     # -- answering ---------------------------------------------------------------------------
@@ -216,19 +239,19 @@ class Server:
         except Exception as exc:
             raise ApiError.of(exc) from None
         reply = Reply(prepared, self.model_name, body.include_usage)
-        if body.stream:
-            return StreamingResponse(reply.events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        while True:  # wait for the answer; a client that went away cancels the generation
-            try:
+        while True:  # wait for the first event (a stream's first delta, else the answer); a client that
+            try:     # went away cancels the generation
                 kind, value = await asyncio.wait_for(job.next_event(), timeout=0.5)
                 break
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancel()
                     return JSONResponse({}, status_code=499)
-        if kind == "error":
+        if kind == "error":  # before anything was sent: an HTTP error, streamed or not
             raise ApiError.of(value)
+        if body.stream:
+            return StreamingResponse(reply.events((kind, value)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         try:
             return reply.response(value)
         except SafeDecodeError as exc:
@@ -295,14 +318,17 @@ class Reply:
             chunks.append(_sse(self._envelope({}, chunk=True, usage=self._usage(outcome))))
         return chunks
 
-    async def events(self):
-        """The server-sent events of a streamed answer; leaving early (disconnect) cancels the job."""
+    async def events(self, first: tuple[str, Any]):
+        """The server-sent events of a streamed answer, from its ``first`` event on; leaving early
+        (disconnect) cancels the job."""
         job = self.prepared.job
         try:
             if self.prepared.kind == "chat":
                 yield self._chunk("", role="assistant")
-            while (event := await job.next_event())[0] == "delta":
+            event = first
+            while event[0] == "delta":
                 yield self._chunk(event[1])
+                event = await job.next_event()
             kind, value = event
             try:
                 chunks = self._closing_chunks(value) if kind == "done" else [_sse(ApiError.of(value).body())]
@@ -353,6 +379,22 @@ def build_conversation(conversation: Conversation, messages: list[ChatMessage], 
                 calls.append(fmt.tool_call_open + json.dumps(payload, ensure_ascii=False) + fmt.tool_call_close)
             conversation.assistant("\n".join([message.text] * bool(message.text) + calls))
     return conversation
+
+
+def policy_wire(options: RequestOptions, names: dict) -> list:
+    """The request's policies (``options.parts``: the server default, each named policy, the inline
+    rules) as the wire format's ``policy`` list for an upstream engine: a trusted part (no work
+    budget) by its name in ``names`` (:func:`policy_names`), otherwise inline."""
+    return [names[part.digest()] if budget is None and part.digest() in names
+            else part.model_dump(mode="json", exclude={"description"})
+            for part, budget in zip(options.parts, options.budgets)]
+
+
+def policy_names() -> dict:
+    """``{digest: name}`` of the shipped and configured policies."""
+    from ..policy.rules import available_policies, named_policy
+
+    return {named_policy(name).digest(): name for name in available_policies()}
 
 
 def _tool_choice(models: list, choice) -> tuple[list, str]:
@@ -408,21 +450,33 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def serve(model: str = "default", policy=None, host: str = "127.0.0.1", port: int = 8000,
-          max_queue: Optional[int] = None, log_level: str = "info") -> int:
-    """Load the model, warm the guard up, and serve until interrupted (``safedecode serve``)."""
+def serve(model: Optional[str] = None, policy=None, host: str = "127.0.0.1", port: int = 8000,
+          max_queue: Optional[int] = None, log_level: str = "info", upstream: Optional[str] = None,
+          upstream_timeout: float = 600.0) -> int:
+    """Load the model (or connect to the ``upstream`` vLLM server), warm the guard up, and serve until
+    interrupted (``safedecode serve``). ``model``: the embedded engine's model (default: the embedded
+    SmolLM2); with ``upstream``, where the upstream model's tokenizer is (default: the directory vLLM
+    reports)."""
     require("uvicorn", "server", "safedecode serve")
     import uvicorn
 
     from ..policy.rules import load_policy
-    from .worker import load_model
 
     default_policy = load_policy(policy) if policy else None  # a name or a path (the one resolver)
-    model_obj, tokenizer, name = load_model(model)
-    engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE)
+    if upstream:
+        from .upstream import UpstreamEngine
+
+        engine: EngineBase = UpstreamEngine.connect(upstream, model, max_queue=max_queue or MAX_QUEUE,
+                                                    timeout=upstream_timeout)
+        name = engine.model_name
+    else:
+        from .worker import load_model
+
+        model_obj, tokenizer, name = load_model(model or "default")
+        engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE)
     server = Server(engine, name, default_policy)
-    warm_up(server)
     try:
+        warm_up(server)
         uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
     finally:
         engine.close()

@@ -147,7 +147,9 @@ class Outcome:
 
 @dataclass
 class Job:
-    """One generation request. ``processor`` is this job's own (stateful) logits processor or None."""
+    """One generation request. ``processor`` is this job's own (stateful) logits processor or None;
+    ``wire`` the same guard as per-request options of the wire format, for an engine that guards
+    elsewhere (:mod:`.upstream`: the vLLM plugin compiles it; None without any guard)."""
 
     input_ids: list[int]
     processor: Any
@@ -161,6 +163,7 @@ class Job:
     events: Optional[asyncio.Queue] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    wire: Optional[dict] = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -175,23 +178,42 @@ class Job:
     async def next_event(self) -> tuple[str, Any]:
         return await self.events.get()
 
+    def feed(self, token_id: int) -> bool:
+        """One generated token: track it, stream what may be sent now; True when the generation
+        must end (EOS or a stop string). Every engine calls this once per token."""
+        stop = self.tracker.feed(token_id)
+        if self.stream and (delta := self.tracker.take()):
+            self.emit("delta", delta)
+        return stop
 
-class Engine:
-    """Runs :class:`Job` s on one worker thread (see the module invariants); counts what it did."""
+    def outcome(self, stopped: bool, ended: bool = False, report: Optional[dict] = None) -> Outcome:
+        """The answer once the engine is done: ``stopped``, the guard's row is stopped (only EOS was
+        left); ``ended``, the engine itself ended the answer (its end-of-sequence)."""
+        tracker = self.tracker
+        text, content = tracker.final()
+        ended = ended or tracker.eos or tracker.stopped_at is not None
+        if self.cancelled.is_set() and not ended:
+            reason = "cancelled"
+        else:
+            reason = finish_reason(ended=ended, stopped=stopped)
+        return Outcome(text=text, content=content, rest=tracker.rest(content), finish_reason=reason,
+                       prompt_tokens=len(self.input_ids), completion_tokens=tracker.tokens, report=report)
 
-    def __init__(self, model, tokenizer, max_queue: int):
-        self.model = model
+
+class EngineBase:
+    """What the server needs of an engine (the embedded :class:`Engine`, :class:`.upstream.UpstreamEngine`):
+    ``tokenizer``, ``context_length``, ``submit`` (queue a :class:`Job`; its events come back on
+    the event loop), ``run`` (one job to the end, before serving: the warm-up), ``stats``, ``close``;
+    and ``remote``: whether the guard runs elsewhere (the job's ``wire`` options are sent there)."""
+
+    remote = False
+
+    def __init__(self, tokenizer, context_length: int, max_queue: int):
         self.tokenizer = tokenizer
+        self.context_length = context_length
         self.max_queue = max_queue
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._current: Optional[Job] = None
-        self._closing = threading.Event()
         self._lock = threading.Lock()
         self.counters = dict(queued=0, running=0, completed=0, cancelled=0, failed=0, generated_tokens=0)
-        self._thread = threading.Thread(target=self._work, name="safedecode-engine", daemon=True)
-        self._thread.start()
 
     def stats(self) -> dict:
         with self._lock:
@@ -202,15 +224,55 @@ class Engine:
             for key, value in changes.items():
                 self.counters[key] += value
 
-    def submit(self, job: Job) -> Job:
-        """Queue ``job`` (from the event loop); raises :class:`ServerBusyError` when ``max_queue`` jobs wait."""
+    def _admit(self, job: Job, *waiting: str) -> Job:
+        """Count ``job`` as queued and bind it to the running event loop; raises
+        :class:`ServerBusyError` when ``max_queue`` jobs are ``waiting`` (these counters together)."""
         with self._lock:
-            if self.counters["queued"] >= self.max_queue:
-                raise ServerBusyError(f"{self.counters['queued']} requests are waiting; try again later")
+            busy = sum(self.counters[key] for key in waiting or ("queued",))
+            if busy >= self.max_queue:
+                raise ServerBusyError(f"{busy} requests are waiting; try again later")
             self.counters["queued"] += 1
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
-        self._queue.put(job)
+        return job
+
+    def _finished(self, job: Job, outcome: Outcome) -> None:
+        """Count a job that ran (running → completed or cancelled) and hand it its outcome."""
+        cancelled = outcome.finish_reason == "cancelled"
+        self._count(running=-1, completed=int(not cancelled), cancelled=int(cancelled),
+                    generated_tokens=outcome.completion_tokens)
+        job.emit("done", outcome)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        self._count(running=-1, failed=1)
+        job.emit("error", exc)
+
+    def submit(self, job: Job) -> Job:
+        raise NotImplementedError
+
+    def run(self, job: Job) -> Outcome:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Engine(EngineBase):
+    """Runs :class:`Job` s on one worker thread (see the module invariants); counts what it did."""
+
+    def __init__(self, model, tokenizer, max_queue: int):
+        super().__init__(tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30), max_queue)
+        self.model = model
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._current: Optional[Job] = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="safedecode-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (from the event loop); raises :class:`ServerBusyError` when ``max_queue`` jobs wait."""
+        self._queue.put(self._admit(job))
         return job
 
     def close(self) -> None:
@@ -231,15 +293,11 @@ class Engine:
             try:
                 outcome = self.run(job)
             except Exception as exc:  # reported to the request, never kills the worker
-                self._count(running=-1, failed=1)
-                job.emit("error", exc)
+                self._failed(job, exc)
                 continue
             finally:
                 self._current = None
-            cancelled = outcome.finish_reason == "cancelled"
-            self._count(running=-1, completed=int(not cancelled), cancelled=int(cancelled),
-                        generated_tokens=outcome.completion_tokens)
-            job.emit("done", outcome)
+            self._finished(job, outcome)
 
     def run(self, job: Job) -> Outcome:
         """Generate ``job`` to the end (EOS, a stop string, ``max_tokens`` or cancellation)."""
@@ -256,9 +314,7 @@ class Engine:
             """Called after every generated token: feed it, stream what may be sent, stop if asked."""
 
             def __call__(self, input_ids, scores, **kwargs):
-                stop = tracker.feed(int(input_ids[0, -1]))
-                if job.stream and (delta := tracker.take()):
-                    job.emit("delta", delta)
+                stop = job.feed(int(input_ids[0, -1]))
                 return torch.full((input_ids.shape[0],), stop or job.cancelled.is_set(), dtype=torch.bool,
                                   device=input_ids.device)
 
@@ -278,20 +334,10 @@ class Engine:
             ids = torch.tensor([job.input_ids], device=self.model.device)
             with torch.no_grad():
                 self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        text, content = tracker.final()
         telemetry = getattr(job.processor, "telemetry", None)
-        return Outcome(text=text, content=content, rest=tracker.rest(content), finish_reason=self._finish(job),
-                       prompt_tokens=len(job.input_ids), completion_tokens=tracker.tokens,
-                       report=telemetry.report() if telemetry is not None else None)
-
-    @staticmethod
-    def _finish(job: Job) -> str:
-        tracker = job.tracker
-        if job.cancelled.is_set() and not (tracker.eos or tracker.stopped_at is not None):
-            return "cancelled"
         guides = job.processor.guides if job.processor is not None else []
-        return finish_reason(ended=tracker.eos or tracker.stopped_at is not None,
-                             stopped=bool(guides) and guides[0].is_stopped)
+        return job.outcome(stopped=bool(guides) and guides[0].is_stopped,
+                           report=telemetry.report() if telemetry is not None else None)
 
 
-__all__ = ["Engine", "Job", "Outcome", "TextTracker", "ServerBusyError", "load_model"]
+__all__ = ["EngineBase", "Engine", "Job", "Outcome", "TextTracker", "ServerBusyError", "load_model"]
