@@ -20,6 +20,7 @@ the engine's worker thread, so the event loop only moves bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -169,10 +170,15 @@ class Server:
         if options.guard is not None:
             raise ApiError(400, "safedecode.guard: the server builds the conversation's guard itself; the guard "
                                 "object is for engines that receive token ids (the vLLM plugin)")
-        if self.engine.remote and options.telemetry_options():
+        if not self.engine.remote:
+            return options
+        if options.telemetry_options():
             raise ApiError(400, "safedecode.report, safedecode.stop_threshold: not available behind --upstream "
                                 "(the guard runs inside vLLM, which does not return the blocked mass)")
-        return options
+        # The policies as the upstream will parse them (names, inline rules): the gateway's own copy of
+        # the guard is then compiled from the very parts the vLLM plugin compiles.
+        remote = parse_options({"policy": policy_wire(options, self.policy_names)})
+        return dataclasses.replace(options, parts=remote.parts, budgets=remote.budgets)
 
     def _job(self, body, ids, processor, tracker, max_tokens, wire: Optional[dict] = None) -> Job:
         """The engine's job; ``wire``: the guard as wire options, for an engine that guards remotely."""
