@@ -40,6 +40,7 @@ _LAZY = {
     "FromTrusted": "channels.tools", "ToolCallError": "channels.tools",
     "ChatFormat": "channels.chat_format", "load_chat_format": "channels.chat_format",
     "detect_chat_format": "channels.chat_format",
+    "OutputTypeError": "channels.output_types",
 }
 
 
@@ -61,7 +62,7 @@ __all__ = [
     "Policy", "load_policy", "available_policies", "find_violations", "Violation",
     "compile_policy", "CompiledPolicy",
     "SafeLogitsProcessor", "generate", "GenerationResult",
-    "Conversation", "Encoded", "ContentRejectedError", "FromTrusted", "ToolCallError",
+    "Conversation", "Encoded", "ContentRejectedError", "FromTrusted", "ToolCallError", "OutputTypeError",
     "ChatFormat", "load_chat_format", "detect_chat_format", "ChatFormatError",
     "SafeDecodeError", "PolicyError", "PatternError", "AutomatonTooLargeError", "VocabularyError",
     "__version__",

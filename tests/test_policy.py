@@ -51,7 +51,7 @@ def test_policy_is_immutable_and_hashable():
 
 @pytest.mark.parametrize("body, expected", [
     ('[[forbid]]\nliteral = "a"\nregex = "b"\n', ["forbid[0]", "both 'literal' and 'regex'"]),
-    ('[[forbid]]\nid = "r1"\nignore_case = true\n', ["forbid[0]", "'r1'", "exactly one of 'literal', 'regex' or 'body'"]),
+    ('[[forbid]]\nid = "r1"\nignore_case = true\n', ["forbid[0]", "'r1'", "exactly one of 'literal', 'regex', 'body'"]),
     ('[[forbid]]\nliteral = "a"\ncolour = "red"\n', ["forbid[0]", "colour", "unknown key"]),
     ('[[forbid]]\nliteral = ""\n', ["forbid[0]", "literal", "must not be empty"]),
     ('[[forbid]]\nliteral = 42\n', ["forbid[0]", "literal"]),

@@ -37,7 +37,7 @@ from ..automata.negation import departure_regex
 from ..engine.compiled import CompiledPolicy, combine, compile_policy
 from ..errors import PolicyError
 from ..policy.automaton import DEFAULT_MAX_STATES, DEFAULT_WORK_BUDGET
-from ..policy.rules import Policy
+from ..policy.rules import DocumentRule, Policy
 from ..tokens.vocabulary import Vocabulary, vocabulary_of
 from .chat_format import ChatFormat
 from .exfil import exfiltration_rules
@@ -82,13 +82,16 @@ def static_policy(spec: GuardSpec) -> Policy:
     """The request-independent part of the guard, as one policy: the channel rules and the spec's
     policies as :func:`user_policy` enforces them (the guard compiles them as separate parts)."""
     channel = channel_policy(spec)
-    users = [user_policy(policy, _calls_possible(channel)) for policy in spec.policies]
+    users = [user_policy(policy, _calls_possible(channel, spec.policies)) for policy in spec.policies]
     return Policy(forbid=list(channel.forbid) + [rule for user in users if user for rule in user.forbid],
                   special_tokens="forbid")
 
 
-def _calls_possible(channel: Policy) -> bool:
-    return any(rule.id == "tool:call" for rule in channel.forbid)
+def _calls_possible(channel: Policy, policies=()) -> bool:
+    """Whether the output may hold JSON strings whose decoded values rules must govern: a tool call
+    is possible, or a policy has a JSON document rule (an output type)."""
+    return (any(rule.id == "tool:call" for rule in channel.forbid)
+            or any(isinstance(rule, DocumentRule) and rule.json_strings for p in policies for rule in p.forbid))
 
 
 def request_policy(spec: GuardSpec, calls_possible: bool = False) -> Policy:
@@ -141,7 +144,7 @@ def compile_guard(spec: GuardSpec, tokenizer, *, max_states: int = DEFAULT_MAX_S
     limit is passed."""
     vocabulary = guard_vocabulary(tokenizer, spec.format)
     channel = channel_policy(spec)
-    calls_possible = _calls_possible(channel)
+    calls_possible = _calls_possible(channel, spec.policies)
     budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(spec.policies)
     if len(budgets) != len(spec.policies):
         raise PolicyError(f"budget: {len(budgets)} budgets for {len(spec.policies)} policies")

@@ -273,13 +273,13 @@ def escaped_spelling_rules(policy) -> list[dict]:
     they are. Exact for values (calls may use no other escape); over-blocks outside values (see
     the module docstring)."""
     from ..automata.syntax import parse
-    from ..policy.rules import BlockRule
+    from ..policy.rules import BlockRule, DocumentRule
 
     if policy is None:
         return []
     companions = []
     for rule_id, rule in zip(policy.rule_ids(), policy.forbid):
-        if isinstance(rule, BlockRule):
+        if isinstance(rule, (BlockRule, DocumentRule)):  # positive grammars: spelled as they are
             continue
         node = parse(rule.pattern, rule.ignore_case, rule_id)
         if _needs_companion(node):
@@ -321,8 +321,11 @@ class _Narrower:
     docstring says); with ``spell`` (the grammar side) ``pattern``/``format`` strings are rewritten
     over the JSON spelling. A marker left anywhere afterwards is an error, never ignored."""
 
-    def __init__(self, tool: str, schema: dict, trusted_text: str, spell: bool):
+    def __init__(self, tool: str, schema: dict, trusted_text: str, spell: bool, what: Optional[str] = None):
         self.tool = tool
+        # How errors name the schema and its root.
+        self.what, self.root = (what, "(the top-level value)") if what else (f"tool {tool!r}, argument",
+                                                                              "(the arguments object)")
         self.defs = schema.get("$defs", {})
         self.trusted_text = trusted_text
         self.spell = spell
@@ -331,7 +334,7 @@ class _Narrower:
         self.assumed: set[str] = set()
 
     def error(self, path: str, message: str) -> ToolError:
-        return ToolError(f"tool {self.tool!r}, argument {path or '(the arguments object)'}: {message}")
+        return ToolError(f"{self.what} {path or self.root}: {message}")
 
     def run(self, schema: dict):
         body = {k: v for k, v in schema.items() if k != "$defs"}
@@ -510,8 +513,6 @@ def tool_call_regex(tools: dict[str, type[BaseModel]], trusted_text: str, argume
     """The regex of one call ``{"name": <declared tool>, "<arguments_key>": <valid arguments>}``,
     or None when no tool can be called (a required FromTrusted field has no trusted value).
     Strings may use only the escapes ``\\"`` and ``\\\\`` (see the module docstring)."""
-    from outlines_core.json_schema import build_regex_from_schema
-
     alternatives = []
     for name, tool in tools.items():
         args = _narrowed(tool, trusted_text, spell=True)
@@ -520,12 +521,28 @@ def tool_call_regex(tools: dict[str, type[BaseModel]], trusted_text: str, argume
         definitions = args.pop("$defs", {})
         call = {"type": "object", "properties": {"name": {"const": name}, arguments_key: args},
                 "required": ["name", arguments_key], "$defs": definitions}
-        try:
-            pattern = build_regex_from_schema(json.dumps(call))
-        except Exception as exc:  # outlines-core raises its own error types
-            raise ToolError(f"tool {name!r}: its schema cannot be turned into a grammar: {exc}") from None
-        alternatives.append(pattern.replace(_OUTLINES_ESCAPES, _ALLOWED_ESCAPES))
+        alternatives.append(_grammar(call, f"tool {name!r}"))
     return "|".join(f"(?:{a})" for a in alternatives) if alternatives else None
+
+
+def json_schema_regex(schema: dict, trusted_text: str = "", what: str = "output_type") -> Optional[str]:
+    """The regex of one JSON document valid under ``schema`` (a JSON schema), spelled as the guard
+    lets a tool call spell its arguments: FromTrusted strings narrowed to their trusted values,
+    ``pattern``/``format`` over the JSON spelling, only the escapes ``\\"`` and ``\\\\``. None if no
+    value is possible. Errors start with ``what`` and name the JSON path."""
+    narrowed = _Narrower(what, schema, trusted_text, spell=True, what=f"{what}: at").run(schema)
+    return None if narrowed is None else _grammar(narrowed, what)
+
+
+def _grammar(schema: dict, what: str) -> str:
+    """outlines-core's regex of ``schema`` with the narrower string escapes."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        pattern = build_regex_from_schema(json.dumps(schema))
+    except Exception as exc:  # outlines-core raises its own error types
+        raise ToolError(f"{what}: its schema cannot be turned into a grammar: {exc}") from None
+    return pattern.replace(_OUTLINES_ESCAPES, _ALLOWED_ESCAPES)
 
 
 def describe_tools(tools: dict[str, type[BaseModel]], trusted_text: str, open_tag: str, close_tag: str,

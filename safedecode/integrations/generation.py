@@ -29,6 +29,10 @@ class GenerationResult:
     finish_reason: str  # one of FINISH_REASONS (see finish_reason)
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: list = field(default_factory=list)  # validated pydantic instances (Conversation + tools)
+    #: With ``output_type``: the validated value (a model instance, the parsed JSON, the matched text,
+    #: the Literal value or Enum member), or None when the answer is not a complete document (then
+    #: ``finish_reason`` is ``"length"`` or ``"content_filter"`` and ``extra["output_error"]`` says why).
+    parsed: Any = None
     report: Optional[dict] = None  # blocked-mass telemetry (telemetry=True): see safedecode.adapters.telemetry
 
     def __str__(self) -> str:
@@ -72,7 +76,7 @@ TELEMETRY_OPTIONS = ("telemetry", "stop_threshold", "stop_after", "audit_log")
 
 
 def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, allow_hosts=(),
-             leak_window=None, tool_choice: str = "auto", **generate_kwargs):
+             leak_window=None, tool_choice: str = "auto", output_type=None, **generate_kwargs):
     """Generate under ``policy``; returns a :class:`GenerationResult` (a list of them for a batch).
 
     ``prompt_or_messages``: a prompt string, a list of chat messages (rendered with the tokenizer's
@@ -84,19 +88,31 @@ def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, a
     ``logits_processor`` list given there runs before the guard. ``telemetry=True`` (and
     ``stop_threshold``, ``stop_after``, ``audit_log``: see :mod:`safedecode.adapters.telemetry`) fills each
     result's ``report`` with the probability mass the guard removed and the rules that removed it.
+
+    ``output_type`` (a pydantic model class, a JSON schema dict, a regex, ``typing.Literal`` or an
+    ``Enum``: see :mod:`safedecode.channels.output_types`) makes the whole answer one value of that
+    type, under the same automaton as the policy and the guard; each result's ``parsed`` holds the
+    validated value.
     """
     from ..channels.conversation import Conversation
+    from ..channels.output_types import output_type as as_output_type
 
     options = {k: generate_kwargs.pop(k) for k in TELEMETRY_OPTIONS if k in generate_kwargs}
     if isinstance(prompt_or_messages, Conversation):
+        shape = None if output_type is None else as_output_type(output_type, prompt_or_messages.trusted_text)
         return _generate_conversation(model, prompt_or_messages, policy, tools, allow_hosts, leak_window,
-                                      tool_choice, generate_kwargs, options)
+                                      tool_choice, generate_kwargs, options, shape)
     if tools or allow_hosts or leak_window is not None or tool_choice != "auto":
         raise TypeError("tools, allow_hosts, leak_window and tool_choice need a safedecode.Conversation prompt")
-    if policy is None:
-        raise TypeError("generate(model, tokenizer, prompt, policy): a policy is required for a plain prompt")
+    if policy is None and output_type is None:
+        raise TypeError("generate(model, tokenizer, prompt, policy): a policy (or an output_type) is required "
+                        "for a plain prompt")
+    shape = None if output_type is None else as_output_type(output_type)
+    policy = _as_policy(policy) if policy is not None else None
+    if shape is not None:
+        policy = shape.policy(policy.policy if isinstance(policy, CompiledPolicy) else policy)
     prompts, batched = _as_batch(prompt_or_messages)
-    processor = SafeLogitsProcessor(_as_policy(policy), tokenizer, **options)
+    processor = SafeLogitsProcessor(policy, tokenizer, **options)
     texts = [_render(tokenizer, p) for p in prompts]
     add_special = not all(isinstance(p, (list, tuple)) for p in prompts)  # the template already has them
     padding_side = tokenizer.padding_side
@@ -105,18 +121,22 @@ def generate(model, tokenizer, prompt_or_messages, policy=None, *, tools=None, a
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
     finally:
         tokenizer.padding_side = padding_side
-    results = _run(model, tokenizer, encoded, processor, generate_kwargs)
+    results = _run(model, tokenizer, encoded, processor, generate_kwargs, shape)
     return results if batched or generate_kwargs.get("num_return_sequences", 1) > 1 else results[0]
 
 
 def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak_window, tool_choice, kwargs,
-                           options):
+                           options, shape=None):
     """One guarded generation for a Conversation, with its tool calls parsed and validated."""
     from ..channels.tools import declare_tools, parse_tool_calls
 
     policy = _as_policy(policy) if policy is not None else None
     if isinstance(policy, CompiledPolicy):
         policy = policy.policy
+    if shape is not None:
+        if tools:
+            raise TypeError("output_type and tools cannot be combined: the answer is either one document or tool calls")
+        policy = [p for p in (policy, Policy(forbid=[shape.rule()])) if p is not None]
     encoded = conversation.encode(tools)
     processor = conversation.guard(policy=policy, tools=tools, allow_hosts=allow_hosts,
                                    leak_window=leak_window, tool_choice=tool_choice, **options)
@@ -124,7 +144,7 @@ def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak
     kwargs.setdefault("eos_token_id", list(processor.compiled.eos_ids))
     ids = torch.tensor([encoded.input_ids])
     (result,) = _run(model, conversation.tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                     processor, kwargs)
+                     processor, kwargs, shape)
     fmt = conversation.format
     result.tool_calls = parse_tool_calls(result.text, declare_tools(tools), fmt.tool_call_open, fmt.tool_call_close,
                                          fmt.tool_call_arguments_key,
@@ -132,9 +152,9 @@ def _generate_conversation(model, conversation, policy, tools, allow_hosts, leak
     return result
 
 
-def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwargs) -> list:
+def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwargs, shape=None) -> list:
     """``model.generate`` with ``processor`` last; one result per row (grouped per prompt when
-    ``num_return_sequences`` > 1)."""
+    ``num_return_sequences`` > 1), parsed as ``shape`` (an output type) if given."""
     device = getattr(model, "device", torch.device("cpu"))
     encoded = {k: v.to(device) for k, v in encoded.items()}
     kwargs = dict(generate_kwargs)
@@ -156,6 +176,8 @@ def _run(model, tokenizer, encoded, processor: SafeLogitsProcessor, generate_kwa
         report = telemetry.report(row) if telemetry is not None else None
         results.append(_result(sequence, vocabulary, stopped=row < len(guides) and guides[row].is_stopped))
         results[-1].report = report
+        if shape is not None:
+            _parse(results[-1], shape)
     if num_return > 1:
         results = [results[i:i + num_return] for i in range(0, len(results), num_return)]
     return results
@@ -170,6 +192,19 @@ def _result(sequence: list[int], vocabulary, stopped: bool) -> GenerationResult:
         kept.append(token)
     return GenerationResult(text=vocabulary.text(kept), token_ids=kept,
                             finish_reason=finish_reason(ended=len(kept) < len(sequence), stopped=stopped))
+
+
+def _parse(result: GenerationResult, shape) -> None:
+    """Fill ``result.parsed``; an answer that ended without completing its document is never
+    presented as one: it finishes as ``"content_filter"`` (the guard left it nothing else)."""
+    from ..channels.output_types import OutputTypeError
+
+    try:
+        result.parsed = shape.parse(result.text)
+    except OutputTypeError as exc:
+        result.extra["output_error"] = str(exc)
+        if result.finish_reason == "stop":
+            result.finish_reason = "content_filter"
 
 
 FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")

@@ -1,6 +1,6 @@
 """Stage 1 — policies: what may never appear in the output.
 
-Owns the rule model (:mod:`.rules`: literal, regex and block rules, loading by name or path, the
+Owns the rule model (:mod:`.rules`: literal, regex, block and document rules, loading by name or path, the
 ``regex``-package reference check :func:`find_violations`), the obfuscation variants that widen a
 rule (:mod:`.variants`), and the compilation of a policy's rules into character automata
 (:mod:`.automaton`).
@@ -10,6 +10,7 @@ top-level :mod:`safedecode.errors`, :mod:`safedecode.extras`, :mod:`safedecode.r
 """
 from .rules import (
                     BlockRule,
+                    DocumentRule,
                     LiteralRule,
                     Policy,
                     RegexRule,
@@ -23,5 +24,5 @@ from .rules import (
                     rule_violated,
 )
 
-__all__ = ["Policy", "LiteralRule", "RegexRule", "BlockRule", "Rule", "Violation", "load_policy",
+__all__ = ["Policy", "LiteralRule", "RegexRule", "BlockRule", "DocumentRule", "Rule", "Violation", "load_policy",
            "named_policy", "available_policies", "policy_from_mapping", "find_violations", "rule_violated"]

@@ -13,6 +13,7 @@ from ..automata import charsets
 from ..automata.aho_corasick import phrase_dfa, plain_phrase, sequence_dfa, set_sequence
 from ..automata.blocks import co_reachable, compose_block
 from ..automata.dfa import START_STATE, CharDFA, determinize
+from ..automata.documents import can_complete, compose_document
 from ..automata.nfa import build_nfa
 from ..automata.syntax import (
     DEFAULT_WORK_BUDGET,
@@ -30,14 +31,14 @@ from ..automata.syntax import (
 )
 from ..automata.utf8 import ByteDFA, to_bytes
 from ..errors import AutomatonTooLargeError, PolicyError
-from .rules import BlockRule, LiteralRule, Policy, RegexRule
+from .rules import BlockRule, DocumentRule, LiteralRule, Policy, RegexRule
 
 DEFAULT_MAX_STATES = 200_000  # per rule (and per component)
 COMPONENT_STATES = 40_000  # most states a component of literal rules may have before it is halved
 PRODUCT_BOUND = 4_000  # most states the product bound of a group of regex rules may promise
 
 __all__ = ["Budget", "BudgetExceededError", "DEFAULT_WORK_BUDGET", "SERVER_WORK_BUDGET", "DEFAULT_MAX_STATES",
-           "compile_components", "compile_nodes", "compile_block", "compile_policy_dfa"]
+           "compile_components", "compile_nodes", "compile_block", "compile_document", "compile_policy_dfa"]
 
 
 def _char_specs(node: Node, out: list) -> None:
@@ -131,6 +132,23 @@ def compile_block(rule: BlockRule, rule_id: str, max_states: int = DEFAULT_MAX_S
         raise _too_large(rule_id, max_states) from None
 
 
+def compile_document(rule: DocumentRule, rule_id: str, max_states: int = DEFAULT_MAX_STATES,
+                     budget: Budget = None) -> ByteDFA:
+    """The byte DFA of a document rule: the whole text must be one word of ``rule.document``."""
+    budget = budget_or_unlimited(budget)
+    budget.label = f"rule {rule_id}"
+    node = parse(rule.pattern, rule=rule_id)
+    try:
+        language = _CharContext([node], budget).search_dfa([node], max_states)
+        if not can_complete(language)[START_STATE]:
+            raise PolicyError(f"rule {rule_id}: the document language matches no text at all")
+        return to_bytes(compose_document(language), max_states=max_states, budget=budget)
+    except BudgetExceededError:
+        raise
+    except AutomatonTooLargeError:
+        raise _too_large(rule_id, max_states) from None
+
+
 def _too_large(rule_id: str, max_states: int) -> AutomatonTooLargeError:
     return AutomatonTooLargeError(
         f"rule {rule_id}: its DFA exceeds the state limit of {max_states}; simplify the pattern "
@@ -160,7 +178,8 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
       union DFA never has more states than the product of its parts, so regex rules are compiled
       one by one and packed greedily (largest first) into groups whose product of
       character-level sizes stays within ``PRODUCT_BOUND``.
-    * Block rules are each a component of their own (:func:`compile_block`).
+    * Block and document rules are each a component of their own (:func:`compile_block`,
+      :func:`compile_document`).
 
     ``progress``, if given, is called as ``progress(rules_done, rules)`` as rules are compiled.
 
@@ -201,9 +220,11 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
         dfa = alone[members[0]] if len(members) == 1 else compile_nodes([nodes[i] for i in members], max_states,
                                                                         budget=budget)
         components.append((dfa, sorted(members)))
-    for i, rule in enumerate(policy.forbid):  # a block is a positive grammar: always its own component
+    for i, rule in enumerate(policy.forbid):  # a positive grammar is always its own component
         if isinstance(rule, BlockRule):
             components.append((compile_block(rule, ids[i], max_states, budget), [i]))
+        elif isinstance(rule, DocumentRule):
+            components.append((compile_document(rule, ids[i], max_states, budget), [i]))
     tick(len(nodes), len(nodes))
     return components
 
@@ -235,8 +256,8 @@ def compile_policy_dfa(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
     """The single byte DFA of a whole policy (tests and verification); refused if over the limit."""
     budget = budget if isinstance(budget, Budget) else Budget(budget)
     ids = policy.rule_ids()
-    if any(isinstance(rule, BlockRule) for rule in policy.forbid):
-        raise PolicyError("a policy with block rules has no single-DFA form; use compile_components")
+    if any(isinstance(rule, (BlockRule, DocumentRule)) for rule in policy.forbid):
+        raise PolicyError("a policy with block or document rules has no single-DFA form; use compile_components")
     nodes = [parse(rule.pattern, rule.ignore_case, rule_id) for rule, rule_id in zip(policy.forbid, ids)]
     budget.label = _label(ids, range(len(ids)))
     try:

@@ -5,8 +5,10 @@ A policy is a list of forbidden rules. A literal phrase or a regex means *exactl
 ``close``) is a positive constraint written as a forbidden one: once ``open`` appears, the text that
 follows must stay a prefix of ``body`` + ``close`` until that is complete (tool calls: only declared
 tools, schema-valid JSON); leaving that language is the violation, decided by the ``regex`` package's
-partial matching. :func:`find_violations` is the reference check, and the compiled automaton must
-agree with it on every text.
+partial matching. A *document* rule (an output type: :mod:`safedecode.channels.output_types`) says the
+whole text is one word of a language: leaving it is the violation, and EOS waits for a complete word.
+:func:`find_violations` is the reference check, and the compiled automaton must agree with it on
+every text.
 
 ``special_tokens = "forbid"`` additionally forbids every special/control token id of the vocabulary
 except EOS (the chat-format guard passes end-of-turn as an EOS id).
@@ -143,12 +145,38 @@ class BlockRule(_RuleBase):
         return rf"\A{regex.escape(self.open)}(?:{self.body}){regex.escape(self.close)}"
 
 
-Rule = Union[LiteralRule, RegexRule, BlockRule]
+class DocumentRule(_RuleBase):
+    """The whole text must be one word of ``document`` (a regex): an output type (a JSON schema's
+    grammar, a regex, a choice). A violation is the first character that makes the text no longer a
+    prefix of a word of that language (``regex``'s partial ``fullmatch`` decides it); until the text
+    is a complete word, EOS is forbidden (the compiled automaton masks it unless nothing else is
+    left). Unlike a block, a complete document may go on while it stays in the language (``\\d+``
+    accepts ``1`` and then ``12``)."""
+
+    document: str = Field(min_length=1)
+    #: The document holds JSON strings (a JSON output type): rules must hold on their decoded values,
+    #: so a guard adds the JSON-escaped companions of its rules (see safedecode.channels.tools).
+    json_strings: bool = False
+
+    @field_validator("ignore_case")
+    @classmethod
+    def _no_ignore_case(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("ignore_case is not supported on document rules; write the case variants into document")
+        return value
+
+    @property
+    def pattern(self) -> str:
+        """The language of the whole text, anchored at both ends."""
+        return rf"\A(?:{self.document})\Z"
 
 
-_RULE_KEYS = ("literal | regex | open+body+close, ignore_case, whole_word (literal only), variants, "
+Rule = Union[LiteralRule, RegexRule, BlockRule, DocumentRule]
+
+
+_RULE_KEYS = ("literal | regex | open+body+close | document, ignore_case, whole_word (literal only), variants, "
               "separators, id")
-_ALL_RULE_KEYS = ("literal", "regex", "open", "body", "close", "at_start", "ignore_case", "whole_word",
+_ALL_RULE_KEYS = ("literal", "regex", "open", "body", "close", "at_start", "document", "json_strings", "ignore_case", "whole_word",
                   "variants", "separators", "id")
 _TOP_KEYS = ("forbid", "special_tokens", "description")
 
@@ -161,7 +189,7 @@ def _rule_label(index: int, raw: Any) -> str:
 
 def _build_rule(index: int, raw: Any) -> Rule:
     """One rule from a mapping, or a PolicyError naming the rule and the field."""
-    if isinstance(raw, (LiteralRule, RegexRule, BlockRule)):
+    if isinstance(raw, (LiteralRule, RegexRule, BlockRule, DocumentRule)):
         return raw
     label = _rule_label(index, raw)
     if not isinstance(raw, dict):
@@ -170,12 +198,12 @@ def _build_rule(index: int, raw: Any) -> Rule:
         if key not in _ALL_RULE_KEYS:
             raise PolicyError(f"{label}: unknown key {key!r}{suggest(str(key), _ALL_RULE_KEYS)} "
                               f"(allowed: {_RULE_KEYS})")
-    kinds = [key for key in ("literal", "regex", "body") if key in raw]
+    kinds = [key for key in ("literal", "regex", "body", "document") if key in raw]
     if len(kinds) != 1:
         which = f"both {' and '.join(repr(k) for k in kinds)}; give exactly one" if kinds else \
-            "none of them; a rule needs exactly one of 'literal', 'regex' or 'body' (a block rule)"
+            "none of them; a rule needs exactly one of 'literal', 'regex', 'body' (a block rule) or 'document'"
         raise PolicyError(f"{label}: {which}")
-    model = {"literal": LiteralRule, "regex": RegexRule, "body": BlockRule}[kinds[0]]
+    model = {"literal": LiteralRule, "regex": RegexRule, "body": BlockRule, "document": DocumentRule}[kinds[0]]
     try:
         return model(**raw)
     except ValidationError as exc:
@@ -233,9 +261,10 @@ class Policy(BaseModel):
         built = tuple(_build_rule(i, raw) for i, raw in enumerate(rules))
         for i, rule in enumerate(built):  # refuse unsupported constructs now, naming rule and position
             parse(rule.pattern, ignore_case=rule.ignore_case, rule=_rule_label(i, rule))
-            if isinstance(rule, BlockRule) and uses_assertion(parse(rule.body, rule=_rule_label(i, rule)), ANCHORS):
-                raise PolicyError(f"{_rule_label(i, rule)}: field 'body': a block body may not use anchors or "
-                                  f"word boundaries (^ $ \\A \\Z \\b \\B)")
+            grammar = {BlockRule: "body", DocumentRule: "document"}.get(type(rule))
+            if grammar and uses_assertion(parse(getattr(rule, grammar), rule=_rule_label(i, rule)), ANCHORS):
+                raise PolicyError(f"{_rule_label(i, rule)}: field '{grammar}': a {type(rule).__name__[:-4].lower()} "
+                                  f"{grammar} may not use anchors or word boundaries (^ $ \\A \\Z \\b \\B)")
         return built
 
     def rule_ids(self) -> list[str]:
@@ -321,8 +350,8 @@ def find_violations(policy: Policy, text: str) -> list[Violation]:
     """Every non-overlapping match of every rule in ``text``, by the ``regex`` package (the oracle)."""
     found = []
     for rule_id, rule in zip(policy.rule_ids(), policy.forbid):
-        if isinstance(rule, BlockRule):
-            found.extend(_block_violations(rule_id, rule, text))
+        if isinstance(rule, (BlockRule, DocumentRule)):
+            found.extend(_grammar_violations(rule_id, rule, text))
             continue
         for match in regex.finditer(rule.pattern, text, rule.flags):
             found.append(Violation(rule_id, match.start(), match.end(), match.group()))
@@ -332,14 +361,22 @@ def find_violations(policy: Policy, text: str) -> list[Violation]:
 
 def rule_violated(rule: Rule, text: str) -> bool:
     """Whether ``text`` violates one rule, by the ``regex`` package (the oracle)."""
-    if isinstance(rule, BlockRule):
-        return _block_scan(rule, text)[0] == "violated"
+    if isinstance(rule, (BlockRule, DocumentRule)):
+        return _grammar_scan(rule, text)[0] == "violated"
     return regex.search(rule.pattern, text, rule.flags) is not None
 
 
-def _block_scan(rule: BlockRule, text: str) -> tuple[str, int, int]:
-    """Scan the blocks of ``text``: ``("violated", open_at, end)``, ``("open", open_at, len)`` or
-    ``("ok", -1, -1)``, deciding the block language with the ``regex`` package (the oracle)."""
+def _grammar_scan(rule: "BlockRule | DocumentRule", text: str) -> tuple[str, int, int]:
+    """Scan ``text`` against a positive rule: ``("violated", start, end)``, ``("open", start, len)`` or
+    ``("ok", -1, -1)``, deciding its language with the ``regex`` package (the oracle)."""
+    if isinstance(rule, DocumentRule):
+        document = regex.compile(rf"(?:{rule.document})")
+        if document.fullmatch(text):
+            return "ok", -1, -1
+        if document.fullmatch(text, partial=True):
+            return "open", 0, len(text)
+        end = next(end for end in range(len(text) + 1) if not document.fullmatch(text, 0, end, partial=True))
+        return "violated", 0, end
     language = regex.compile(f"(?:{rule.body}){regex.escape(rule.close)}")
     position = 0
     if rule.at_start:
@@ -362,14 +399,15 @@ def _block_scan(rule: BlockRule, text: str) -> tuple[str, int, int]:
     return "ok", -1, -1
 
 
-def _block_violations(rule_id: str, rule: BlockRule, text: str) -> list[Violation]:
-    status, start, end = _block_scan(rule, text)
+def _grammar_violations(rule_id: str, rule: "BlockRule | DocumentRule", text: str) -> list[Violation]:
+    status, start, end = _grammar_scan(rule, text)
     return [Violation(rule_id, start, end, text[start:end])] if status == "violated" else []
 
 
 def open_block(policy: Policy, text: str) -> Optional[str]:
-    """The id of a block rule left unfinished at the end of ``text`` (EOS is forbidden there)."""
+    """The id of a block rule left unfinished at the end of ``text``, or of a document rule that
+    ``text`` does not complete (EOS is forbidden there)."""
     for rule_id, rule in zip(policy.rule_ids(), policy.forbid):
-        if isinstance(rule, BlockRule) and _block_scan(rule, text)[0] == "open":
+        if isinstance(rule, (BlockRule, DocumentRule)) and _grammar_scan(rule, text)[0] == "open":
             return rule_id
     return None

@@ -9,14 +9,16 @@ gives the same verdict fast enough to judge every candidate token of an adversar
   what ``regex.search`` of the escaped literal without flags is;
 * every other literal or regex rule by its own ``regex`` pattern, compiled once (never merged into
   an alternation: inline flags and group numbers stay the rule's own);
-* block rules by ``find_violations`` on a policy of the block rules alone (partial matching).
+* block rules by ``find_violations`` on a policy of the block rules alone (partial matching);
+* document rules (output types) by the ``regex`` package's partial ``fullmatch`` of their language,
+  here: the text must still be a prefix of a word of it.
 """
 from __future__ import annotations
 
 import regex
 
 from safedecode import Policy, find_violations
-from safedecode.policy import BlockRule, LiteralRule
+from safedecode.policy import BlockRule, DocumentRule, LiteralRule
 
 from .text_oracle import text_of
 
@@ -30,9 +32,12 @@ class PolicyOracle:
         self.literals: list[str] = []
         self.patterns: list = []
         blocks = []
+        self.documents = []
         for rule in policy.forbid:
             if isinstance(rule, BlockRule):
                 blocks.append(rule)
+            elif isinstance(rule, DocumentRule):
+                self.documents.append(regex.compile(rule.document))
             elif isinstance(rule, LiteralRule) and not (rule.ignore_case or rule.whole_word or rule.variants):
                 self.literals.append(rule.literal)
             else:
@@ -42,7 +47,12 @@ class PolicyOracle:
     def violates_text(self, text: str) -> bool:
         return (any(literal in text for literal in self.literals)
                 or any(pattern.search(text) for pattern in self.patterns)
-                or (self.blocks is not None and bool(find_violations(self.blocks, text))))
+                or (self.blocks is not None and bool(find_violations(self.blocks, text)))
+                or any(not document.fullmatch(text, partial=True) for document in self.documents))
+
+    def complete(self, text: str) -> bool:
+        """Whether ``text`` is a whole word of every document rule (EOS may end it)."""
+        return all(document.fullmatch(text) for document in self.documents)
 
     def __call__(self, data: bytes) -> bool:
         return self.violates_text(text_of(data))
