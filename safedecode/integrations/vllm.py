@@ -12,8 +12,21 @@ interfaces that the installed vLLM has, and tells them apart by how vLLM constru
   committed tokens live in ``req_states.all_token_ids`` up to ``total_len``, and a row's visible
   sequence is its first ``ctx.pos + 1`` tokens — speculative drafts and a token not yet committed
   are read from ``ctx.input_ids`` of the request's rows. Each slot's guide advances over its
-  committed output; a row's drafts advance a copy. This version reads those tensors on the host
-  (on a GPU that is a sync per step; a device-side automaton is future work).
+  committed output; a row's drafts advance a copy.
+
+  Off the CPU (or with ``SAFEDECODE_DEVICE_AUTOMATON=1``; ``=0`` forces the host path, and so does
+  the constructor's ``device_automaton=``) the automaton runs on the device
+  (:mod:`safedecode.engine.device_automaton`): per slot, its state and the number of committed
+  output tokens it has walked are device tensors; each step, fixed-shape tensor ops advance every
+  scheduled slot over at most ``DEVICE_LOOKAHEAD`` (or the draft count + 2) newly committed tokens
+  from ``all_token_ids`` / ``total_len``, walk each row's tokens beyond the committed ones from a
+  per-slot window scattered from ``ctx.input_ids`` / ``ctx.pos``, and mask — nothing is read back,
+  so a step costs no host sync. Past that bound, or with a token the step does not show, the row
+  fails closed (never skips). The one host read left is on admission of a *resumed* request
+  (``prefill_len > prompt_len``): its output so far is walked once on the host in
+  :meth:`~SafeDecodeLogitsProcessor.apply_staged_writes`. One tensor group per compiled policy in
+  the batch; a policy whose tables exceed the device budget keeps the host path for its slots. On
+  the CPU the host path (below) is the default: it reads the tensors directly (no sync there).
 
 Installing safedecode never stops vLLM from starting: with a vLLM that has neither interface the
 class still imports, and with one that lacks V2 it is a V1 processor only.
@@ -57,7 +70,9 @@ from ..channels.chat_format import load_chat_format
 from ..channels.guard import compile_guard
 from ..channels.spec import GuardSpec
 from ..channels.tool_schemas import tool_models
+from ..engine import kernels
 from ..engine.compiled import compile_parts, compile_policy
+from ..engine.device_automaton import DeviceAutomatonTooLargeError, device_automaton
 from ..engine.device_mask import device_masks
 from ..engine.guide import Guide, mask_guides, step_guides
 from ..policy.rules import Policy, load_policy
@@ -69,6 +84,12 @@ _log = logging.getLogger(__name__)
 #: Policies to compile when the engine starts (comma-separated names, e.g. ``secrets,exfil``), so that
 #: the first request naming one does not stall an engine step compiling it.
 PRECOMPILE_ENV = "SAFEDECODE_VLLM_PRECOMPILE"
+#: Model Runner V2: ``1`` keeps every guarded slot's automaton on the device (the default off the
+#: CPU), ``0`` reads the tokens on the host (the default on the CPU).
+DEVICE_AUTOMATON_ENV = "SAFEDECODE_DEVICE_AUTOMATON"
+#: Model Runner V2, device path: at least this many newly committed tokens, and tokens beyond the
+#: committed ones, walked per slot and step (more with speculative decoding: its draft count + 2).
+DEVICE_LOOKAHEAD = 4
 
 try:  # subclass vLLM's interfaces when it is installed (vLLM checks issubclass for every plugin)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
@@ -113,6 +134,18 @@ class _Row:
             self.guide.stop()
 
 
+class _SlotGroup:
+    """Model Runner V2, device path: the slots guarded by one compiled policy — its
+    :class:`~safedecode.engine.device_automaton.DeviceAutomaton` and each slot's state on the
+    device (``states[slot]``: one int per component)."""
+
+    __slots__ = ("index", "compiled", "automaton", "states")
+
+    def __init__(self, index: int, compiled, automaton, max_slots: int):
+        self.index, self.compiled, self.automaton = index, compiled, automaton
+        self.states = automaton.start_states(max_slots)
+
+
 class SafeDecodeLogitsProcessor(*_BASES):
     """vLLM logits processor enforcing each request's safedecode policy, on the V1 runner and on
     Model Runner V2 (see the module docs).
@@ -135,7 +168,8 @@ class SafeDecodeLogitsProcessor(*_BASES):
             except ValueError as exc:
                 raise type(exc)(f"extra_args: guard: {exc}") from None
 
-    def __init__(self, vllm_config: Any, device_or_states: Any, is_pin_memory: bool = False, *, tokenizer=None):
+    def __init__(self, vllm_config: Any, device_or_states: Any, is_pin_memory: bool = False, *, tokenizer=None,
+                 device_automaton: Optional[bool] = None):
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
         # Model Runner V2 passes its request state (device, all_token_ids, prompt_len, total_len).
@@ -143,6 +177,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
         device = self._req_states.device if self._req_states is not None else device_or_states
         self._masks = device_masks(device, is_pin_memory)  # used when the kernels cannot view the logits
         self._rows: dict[int, _Row] = {}  # V1: batch index -> row; V2: request slot -> row
+        if device_automaton is None and os.environ.get(DEVICE_AUTOMATON_ENV, "") in ("0", "1"):
+            device_automaton = os.environ[DEVICE_AUTOMATON_ENV] == "1"
+        if device_automaton is None:
+            device_automaton = torch.device(device).type != "cpu"
+        #: Model Runner V2 with the automaton on the device (see :meth:`_apply_v2_device`).
+        self.device_automaton = bool(device_automaton) and self._req_states is not None
+        if self.device_automaton:
+            self._init_device_path(torch.device(device), vllm_config)
         self._tokenizer_lock = threading.Lock()
         #: Policies compiled at start ($SAFEDECODE_VLLM_PRECOMPILE), by name; requests reuse them.
         self.precompiled: dict[str, Any] = {}
@@ -218,16 +260,45 @@ class SafeDecodeLogitsProcessor(*_BASES):
         row = self._new_row(sampling_params, None)
         if row is None:
             self._rows.pop(req_idx, None)
-            return False
-        self._rows[req_idx] = row
-        return True
+        else:
+            self._rows[req_idx] = row
+        if self.device_automaton:
+            self._stage_slot(req_idx, row)
+        return row is not None
 
     def apply_staged_writes(self) -> None:
-        """Nothing to flush: the per-slot guides live on the host."""
+        """Device path: write the slots added since the last step into the device tables (and walk,
+        on the host, the output a resumed request already has). Host path: nothing to flush."""
+        if not self.device_automaton or not self._staged:
+            return
+        staged, self._staged = self._staged, {}
+        req = self._req_states
+        for slot, row in staged.items():
+            group = self._slot_group_of.get(slot)
+            self._slot_group[slot] = -1 if group is None else group.index
+            if group is None:
+                continue
+            prompt = int(req.prompt_len.np[slot])
+            resumed = max(0, int(req.prefill_len.np[slot]) - prompt)
+            if resumed:  # preemption: the output so far, walked once on the host (one read per resume)
+                row.guide.advance_all(req.all_token_ids.gpu[slot, prompt:prompt + resumed].tolist())
+            self._start[slot] = prompt
+            self._consumed[slot] = resumed
+            self._restart[slot] = kernels.VIOLATED if row.failed else 0
+            group.states[slot] = torch.tensor(row.guide.state, dtype=torch.int64)
 
     def _apply_v2(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
+        if self.device_automaton:
+            self.apply_staged_writes()  # in case the runner did not call it since add_request
+            self._apply_v2_device(logits, ctx)
+            host = {slot: self._rows[slot] for slot in self._host_slots if slot in self._rows}
+            return self._apply_v2_host(logits, ctx, host) if host else logits
+        return self._apply_v2_host(logits, ctx, self._rows)
+
+    def _apply_v2_host(self, logits: torch.Tensor, ctx: Any, rows: dict) -> torch.Tensor:
+        """The host path: read the committed tokens and this step's rows, advance host guides."""
         slots = ctx.expanded_idx_mapping.tolist()
-        guarded = [i for i, slot in enumerate(slots) if slot in self._rows]
+        guarded = [i for i, slot in enumerate(slots) if slot in rows]
         if not guarded:
             return logits
         pos = ctx.pos.tolist()
@@ -238,7 +309,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
         for i in guarded:
             seen.setdefault(slots[i], {})[pos[i]] = fed[i]
         for slot in seen:  # each guided slot reads its newly committed output once
-            row = self._rows[slot]
+            row = rows[slot]
             start = int(states.prompt_len.np[slot])
             end = int(states.total_len.gpu[slot])
             if end < start + row.consumed:  # fewer committed tokens than read: start over
@@ -249,7 +320,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
                 row.consumed = end - start
         guides = []
         for i in guarded:
-            row, visible = self._rows[slots[i]], pos[i] + 1
+            row, visible = rows[slots[i]], pos[i] + 1
             committed = int(states.prompt_len.np[slots[i]]) + row.consumed
             guide = row.guide
             if visible != committed:  # drafts or a token not yet committed: a copy walks them
@@ -261,6 +332,105 @@ class SafeDecodeLogitsProcessor(*_BASES):
                     guide.advance_all(ahead)
             guides.append(guide)
         return mask_guides(logits, guarded, guides, self._masks)
+
+    # -- Model Runner V2, automaton on the device --------------------------------------------------
+    def _init_device_path(self, device: torch.device, vllm_config: Any) -> None:
+        n = int(self._req_states.max_num_reqs)
+        drafts = int(getattr(getattr(vllm_config, "speculative_config", None), "num_speculative_tokens", 0) or 0)
+        self._lookahead = max(DEVICE_LOOKAHEAD, drafts + 2)
+        self._device = device
+        self._slot_group = torch.full((n,), -1, dtype=torch.int64, device=device)  # group index, -1: none
+        self._start = torch.zeros(n, dtype=torch.int64, device=device)  # prompt length
+        self._consumed = torch.zeros(n, dtype=torch.int64, device=device)  # output tokens walked
+        self._restart = torch.zeros(n, dtype=torch.int64, device=device)  # state on a rewrite (-1: failed)
+        self._groups: dict[int, _SlotGroup] = {}  # id(compiled) -> group
+        self._slot_group_of: dict[int, _SlotGroup] = {}  # slot -> its group (host copy)
+        self._host_slots: set[int] = set()  # slots whose policy is too large for the device: host path
+        self._staged: dict[int, Optional[_Row]] = {}
+        self._next_group = 0
+
+    def _stage_slot(self, slot: int, row: Optional[_Row]) -> None:
+        """Assign ``slot`` to its policy's group (built on first use); written on the device by
+        :meth:`apply_staged_writes`."""
+        self._slot_group_of.pop(slot, None)
+        self._host_slots.discard(slot)
+        if row is not None:
+            compiled = row.guide.compiled
+            group = self._groups.get(id(compiled))
+            if group is None:
+                try:
+                    automaton = device_automaton(compiled, self._device)
+                except DeviceAutomatonTooLargeError as exc:
+                    _log.warning("safedecode: slot %d: %s; its tokens are read on the host", slot, exc)
+                    self._host_slots.add(slot)
+                    row = None
+                else:
+                    group = self._groups[id(compiled)] = _SlotGroup(self._next_group, compiled, automaton,
+                                                                    int(self._req_states.max_num_reqs))
+                    self._next_group += 1
+            if group is not None:
+                self._slot_group_of[slot] = group
+        live = {id(g) for g in self._slot_group_of.values()}
+        for key in [k for k, g in self._groups.items() if id(g) not in live]:  # nobody uses it any more
+            del self._groups[key]
+        self._staged[slot] = row if slot in self._slot_group_of else None
+
+    def _apply_v2_device(self, logits: torch.Tensor, ctx: Any) -> None:
+        """Advance every scheduled slot over its newly committed tokens, walk each row's drafts on a
+        copy and mask — fixed-shape tensor ops only, nothing read back to the host.
+
+        Per slot, at most ``self._lookahead`` newly committed tokens are walked per step and at most
+        as many tokens beyond the committed ones per row: anything past that bound, a visible length
+        below the committed one, or a token this step does not show fails closed (state -1).
+        """
+        groups = {self._slot_group_of[s].index: self._slot_group_of[s] for s in ctx.idx_mapping_np.tolist()
+                  if s in self._slot_group_of}
+        if not groups:
+            return
+        req = self._req_states
+        bound, device = self._lookahead, logits.device
+        tokens = req.all_token_ids.gpu
+        total = req.total_len.gpu.to(torch.int64)
+        # 1. Each scheduled slot reads its newly committed output (a rewrite starts over).
+        slots = ctx.idx_mapping.to(device=device, dtype=torch.int64)
+        start, consumed, end = self._start[slots], self._consumed[slots], total[slots]
+        rewritten = end < start + consumed
+        consumed = torch.where(rewritten, torch.zeros_like(consumed), consumed)
+        overflow = (end - start - consumed > bound).unsqueeze(-1)
+        member = self._slot_group[slots]
+        for group in groups.values():
+            old = group.states[slots]
+            state = torch.where(rewritten.unsqueeze(-1), self._restart[slots].unsqueeze(-1).expand_as(old), old)
+            for j in range(bound):
+                at = start + consumed + j
+                token = tokens[slots, at.clamp(max=tokens.shape[1] - 1)]
+                state = torch.where((at < end).unsqueeze(-1), group.automaton.advance(state, token), state)
+            state = state.masked_fill(overflow, kernels.VIOLATED)
+            group.states[slots] = torch.where((member == group.index).unsqueeze(-1), state, old)
+        self._consumed[slots] = torch.where(member >= 0, (end - start).clamp(min=0), self._consumed[slots])
+        # 2. Tokens beyond the committed ones, per slot: window[slot * bound + offset] (-1: not shown).
+        row_slots = ctx.expanded_idx_mapping.to(device=device, dtype=torch.int64)
+        pos, fed = ctx.pos.to(device=device, dtype=torch.int64), ctx.input_ids.to(device=device, dtype=torch.int64)
+        committed = total[row_slots]
+        offset = pos - committed
+        shown = (offset >= 0) & (offset < bound)
+        n_slots = self._slot_group.shape[0]
+        window = torch.full((n_slots * bound + 1,), -1, dtype=torch.int64, device=device)
+        window.scatter_(0, torch.where(shown, row_slots * bound + offset.clamp(0, bound - 1),
+                                       torch.full_like(offset, n_slots * bound)), fed)
+        ahead = pos + 1 - committed  # tokens this row sees beyond the committed ones
+        rows = torch.arange(logits.shape[0], device=device)
+        row_member = self._slot_group[row_slots]
+        for group in groups.values():
+            state = group.states[row_slots]
+            unknown = (ahead < 0) | (ahead > bound)
+            for d in range(bound):
+                token = window[row_slots * bound + d]
+                needed = d < ahead
+                unknown = unknown | (needed & (token < 0))
+                state = torch.where(needed.unsqueeze(-1), group.automaton.advance(state, token), state)
+            state = state.masked_fill(unknown.unsqueeze(-1), kernels.VIOLATED)
+            group.automaton.mask(logits, rows, state, row_member == group.index)
 
     @property
     def tokenizer(self):
