@@ -18,7 +18,12 @@ same as overhead.py's.
 3. end-to-end tokens/s of SmolLM2-135M greedy ``model.generate`` without a processor and with the
    full default policy (grammars/secrets.toml + shell.toml + profanity-wordlist.toml);
 4. if xgrammar is installed: its ``any_text`` structural tag with ``excludes`` (a literal ban) for
-   1,000 phrases on SmolLM2, compile time and per-step time, side by side.
+   1,000 phrases on SmolLM2, compile time and per-step time, side by side;
+5. per-step time vs context length: ``SafeLogitsProcessor`` on grammars/secrets.toml (SmolLM2) with
+   prompts of L = 64 ... 32,768 tokens (``--context-lengths``) at B=1 and B=32 (``--context-batches``),
+   plain rows (greedy/sampling) and beam-like rows (each step every row extends a row chosen by a
+   seeded permutation of the previous rows). ``--context-only`` runs just this phase and writes
+   context.{md,json,png} (it takes a minute or two).
 """
 from __future__ import annotations
 
@@ -324,6 +329,118 @@ def bench_xgrammar(args, results, save, smol_tok, words, phrases_all, tmp_root):
     save()
 
 
+# ------------------------------------------------------------------------------------ context length
+CONTEXT_POLICY = "secrets"  # grammars/secrets.toml
+
+
+def run_beam_stream(proc, *, batch, prompt, script, bases, warmup, steps, seed):
+    """Like harness.run_stream, but beam-like: after each call every row extends a row of the previous
+    call drawn at random with replacement (beam search keeps some beams twice and drops others), by
+    the script's next token if the processor left it allowed, else by its argmax. Returns timings."""
+    rng = np.random.default_rng(seed)
+    ids = torch.tensor([prompt] * batch, dtype=torch.long)
+    scores = torch.empty((batch, bases.shape[-1]), dtype=bases.dtype)
+    calls, blocked = [], 0
+    gc.collect()
+    gc.disable()
+    try:
+        for step in range(warmup + steps):
+            scores.copy_(bases[step % bases.shape[0], :batch])
+            t0 = time.perf_counter_ns()
+            out = proc(ids, scores)
+            t1 = time.perf_counter_ns()
+            if step >= warmup:
+                calls.append(t1 - t0)
+            parents = torch.from_numpy(np.sort(rng.integers(0, batch, batch)))
+            want = torch.tensor([script[(r * 97 + step) % len(script)] for r in range(batch)])
+            ok = torch.isfinite(out[parents].gather(1, want[:, None]).squeeze(1))
+            blocked += int((~ok).sum())
+            nxt = torch.where(ok, want, out[parents].argmax(-1))
+            ids = torch.cat([ids[parents], nxt[:, None]], dim=1)
+    finally:
+        gc.enable()
+    return {"calls_ns": calls, "blocked_tokens": blocked}
+
+
+def bench_context(args, results, save, smol_tok, words, phrases_all) -> None:
+    """Per-step time of SafeLogitsProcessor on grammars/secrets.toml vs the context length L (the
+    prompt's length: every call passes the whole (B, L + step) ``input_ids``), at each batch size,
+    plain and beam-like (B > 1)."""
+    log(f"=== context length: {args.context_lengths} × B {args.context_batches}, policy grammars/{CONTEXT_POLICY}.toml")
+    compiled = safedecode.compile_policy(safedecode.load_policy(CONTEXT_POLICY), smol_tok)
+    V = len(smol_tok)
+    script = make_script(smol_tok, words, phrases_all[:args.sweep_size], 4000, args.seed)
+    head = prompt_ids(smol_tok)
+    filler = make_script(smol_tok, words, phrases_all[:args.sweep_size], 4000, args.seed + 7)
+    bases = harness.random_logits(2, max(args.context_batches), V, [smol_tok.eos_token_id], args.seed)
+    harness.warm_kernels(compiled, head, V, sorted(set(args.context_batches)))
+    cres = {"policy": f"grammars/{CONTEXT_POLICY}.toml", "vocabulary": VOCABS["smollm2"], "logits_width": V,
+            "steps": args.context_steps, "warmup": args.context_warmup, "runs": []}
+    results["context"] = cres
+    for L in args.context_lengths:
+        body = (filler * (L // len(filler) + 1))[:max(0, L - len(head))]
+        prompt = (body + head)[-L:]  # a long document, then the chat prompt; exactly L ids
+        for b in args.context_batches:
+            for mode in (("plain", "beam") if b > 1 else ("plain",)):
+                proc = safedecode.SafeLogitsProcessor(compiled)
+                if mode == "plain":
+                    run = run_stream(proc, batch=b, prompt=prompt, script=script, bases=bases, warmup=args.context_warmup,
+                                     steps=args.context_steps, cap_s=args.cap, desc=f"L={L} B={b}")
+                else:
+                    run = run_beam_stream(proc, batch=b, prompt=prompt, script=script, bases=bases,
+                                          warmup=args.context_warmup, steps=args.context_steps, seed=args.seed + L)
+                s = summary(run["calls_ns"])
+                cres["runs"].append({"L": L, "batch": b, "mode": mode, "summary": s,
+                                     "blocked_tokens": run["blocked_tokens"], "error": run.get("error"),
+                                     "capped": run.get("capped", False),
+                                     "calls_us": [round(x / 1e3, 3) for x in run["calls_ns"]]})
+                log(f"  L={L:>6,} B={b:<3} {mode:<5} p50 {fmt_us(s.get('p50_us'))} µs, p99 {fmt_us(s.get('p99_us'))} µs, "
+                    f"n={s.get('n')}, blocked {run['blocked_tokens']}"
+                    f"{harness.stream_status(run) if 'capped' in run else ''}")
+                save()
+                gc.collect()
+
+
+def render_context(results) -> str:
+    c = results.get("context") or {}
+    if not c.get("runs"):
+        return "Not run." if not c.get("error") else f"Not completed: {c['error']}"
+    L = [f"`SafeLogitsProcessor` on {c['policy']} ({c['vocabulary']}, float32 CPU logits), per call, after a prompt "
+         f"of L ids; {c['steps']} timed steps after {c['warmup']} untimed ones (the first call of a generation, "
+         "which reads the whole prompt once, is among the untimed ones). *plain*: rows keep their order "
+         "(greedy, sampling); *beam*: each step every row extends a row of the previous call drawn at random "
+         "with replacement (beam search).", "",
+         "| L | B | rows | p50 µs/call | p99 µs/call | p50 µs/row | blocked |", "|---:|---:|---|---:|---:|---:|---:|"]
+    for r in c["runs"]:
+        s = r["summary"]
+        flag = " ERROR" if r.get("error") else (" (capped)" if r.get("capped") else "")
+        L.append(f"| {r['L']:,} | {r['batch']} | {r['mode']} | {fmt_us(s.get('p50_us'))}{flag} | {fmt_us(s.get('p99_us'))} | "
+                 f"{fmt_us(s.get('p50_us', 0) / r['batch']) if s.get('n') else '—'} | {r['blocked_tokens']} |")
+    return "\n".join(L)
+
+
+def plot_context(results, path: Path) -> None:
+    plt = harness.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    runs = (results.get("context") or {}).get("runs", [])
+    series: dict = {}
+    for r in runs:
+        if r["summary"].get("n"):
+            series.setdefault((r["batch"], r["mode"]), []).append((r["L"], r["summary"]["p50_us"], r["summary"]["p99_us"]))
+    for k, ((b, mode), pts) in enumerate(sorted(series.items())):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=f"C{k}", label=f"B={b} {mode} p50")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=f"C{k}", alpha=0.6, label=f"B={b} {mode} p99")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (ids in input_ids)")
+    ax.set_ylabel("µs per call")
+    ax.set_title(f"SafeLogitsProcessor per call vs context length ({(results.get('context') or {}).get('policy')})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    harness.save_figure(fig, path, dpi=130)
+
+
 # ------------------------------------------------------------------------------------ report
 def evaluate_targets(results) -> list[dict]:
     out = []
@@ -459,6 +576,7 @@ def render_markdown(results) -> str:
             s = x.get("summary", {})
             L.append(f"| xgrammar | {x['compile_s']:.2f} | {fmt_us(s.get('p50_us'))} | {fmt_us(s.get('p99_us'))} | "
                      f"{x.get('blocked_tokens', '—')}{' ERROR ' + x['error'][:80] if x.get('error') else ''} |")
+    L += ["", "## Per-step time vs context length", "", render_context(results)]
     L += ["", "## Machine", "", f"* CPU: {m['cpu_model']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores)",
           f"* {m['platform']}; torch threads: {m['torch_threads']}; git commit {m.get('git_commit')}",
           f"* versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
@@ -519,6 +637,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-xgrammar", action="store_true")
     ap.add_argument("--xgrammar-size", type=int, help="phrases for xgrammar (default 1000, quick 100)")
     ap.add_argument("--xgrammar-cap", type=float, help="seconds for xgrammar's compile (default 180, quick 60)")
+    ap.add_argument("--context-lengths", default="64,256,1024,2048,8192,32768",
+                    help="prompt lengths of the context-length sweep ('' skips it)")
+    ap.add_argument("--context-batches", default="1,32", help="batch sizes of the context-length sweep")
+    ap.add_argument("--context-steps", type=int, help="timed steps per context configuration (default 200, quick 60)")
+    ap.add_argument("--context-warmup", type=int, help="untimed steps per context configuration (default 20, quick 5)")
+    ap.add_argument("--context-only", action="store_true",
+                    help="run only the context-length sweep; write context.{md,json,png}")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args(argv)
@@ -536,6 +661,10 @@ def main(argv=None) -> int:
     args.e2e_rounds = args.e2e_rounds or (1 if q else 3)
     args.xgrammar_size = args.xgrammar_size or (100 if q else 1000)
     args.xgrammar_cap = args.xgrammar_cap or (60.0 if q else 180.0)
+    args.context_lengths = [int(x) for x in args.context_lengths.split(",") if x]
+    args.context_batches = [int(x) for x in args.context_batches.split(",") if x]
+    args.context_steps = args.context_steps or (60 if q else 200)
+    args.context_warmup = args.context_warmup if args.context_warmup is not None else (5 if q else 20)
     unknown = set(args.vocabs) - set(VOCABS)
     if unknown:
         ap.error(f"unknown vocabularies {sorted(unknown)}; choose from {list(VOCABS)}")
@@ -548,6 +677,7 @@ def main(argv=None) -> int:
                                 "batches": args.batches, "sweep_size": args.sweep_size, "vocabs": args.vocabs,
                                 "regex_sizes": args.regex_sizes, "regexes": REGEXES,
                                 "cap_s": args.cap, "compile_cap_s": args.compile_cap, "seed": args.seed,
+                                "context_lengths": args.context_lengths, "context_batches": args.context_batches,
                                 "targets": TARGETS},
                      "machine": harness.machine_info(args.torch_threads), "vocabs": {}}
     results["machine"]["versions"]["xgrammar"] = harness.xgrammar_version()
@@ -563,10 +693,14 @@ def main(argv=None) -> int:
                                args.seed)
     results["workload"] = {"words_in_pool": len(words), "phrases_head": phrases_all[:20]}
     log(f"{len(words)} candidate words, {len(phrases_all)} phrases, e.g. {phrases_all[:4]}")
+    if args.context_only:
+        return context_only(args, results, out_dir, smol_tok, words, phrases_all, t_run)
     tmp_root = Path(tempfile.mkdtemp(prefix="safedecode-scale-"))
     phases = [("vocabularies", lambda: bench_vocabularies(args, results, save, smol_tok, words, phrases_all, tmp_root))]
     if not args.no_e2e:
         phases.append(("end_to_end", lambda: bench_end_to_end(args, results, save)))
+    if args.context_lengths:
+        phases.append(("context", lambda: bench_context(args, results, save, smol_tok, words, phrases_all)))
     if not args.no_xgrammar:
         phases.append(("xgrammar", lambda: bench_xgrammar(args, results, save, smol_tok, words, phrases_all, tmp_root)))
     for name, fn in phases:
@@ -585,6 +719,8 @@ def main(argv=None) -> int:
     harness.write_text(out_dir / "scale.md", render_markdown(results))
     try:
         plot(results, out_dir / "scale.png")
+        if results.get("context", {}).get("runs"):
+            plot_context(results, out_dir / "context.png")
     except Exception as exc:  # noqa: BLE001
         log(f"plot failed: {exc}")
     for t in results["targets"]:
@@ -592,6 +728,29 @@ def main(argv=None) -> int:
         log(f"target: {t['target']} [{t['where']}]: {'—' if v is None else f'{v:,.2f} ' + t['unit']} → "
             f"{'n/a' if t['met'] is None else ('met' if t['met'] else 'NOT met')}")
     log(f"done in {results['total_s']:.0f} s → {out_dir}/scale.{{md,json,png}}")
+    return 0
+
+
+def context_only(args, results, out_dir: Path, smol_tok, words, phrases_all, t_run) -> int:
+    """``--context-only``: the context-length sweep alone, into context.{json,md,png}."""
+    def save():
+        harness.write_json(out_dir / "context.json", results)
+
+    bench_context(args, results, save, smol_tok, words, phrases_all)
+    results["total_s"] = time.perf_counter() - t_run
+    results["loadavg_end"] = list(os.getloadavg())
+    save()
+    m = results["machine"]
+    md = ["# safedecode: per-step time vs context length", "",
+          f"Generated by `benchmarks/scale.py --context-only` on {m['date']} in {results['total_s']:.0f} s; "
+          "wall-clock time on a shared machine, see benchmarks/README.md.", "", render_context(results), "",
+          "## Machine", "", f"* CPU: {m['cpu_model']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores)",
+          f"* {m['platform']}; torch threads: {m['torch_threads']}; git commit {m.get('git_commit')}",
+          f"* load average at start {m['loadavg_start']}, at end {results.get('loadavg_end')}", ""]
+    harness.write_text(out_dir / "context.md", "\n".join(md))
+    plot_context(results, out_dir / "context.png")
+    print(render_context(results))
+    log(f"done in {results['total_s']:.0f} s → {out_dir}/context.{{md,json,png}}")
     return 0
 
 

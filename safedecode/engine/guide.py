@@ -180,10 +180,21 @@ class GuideBatch:
     """The rows of one transformers ``generate`` call over one compiled policy.
 
     ``step(input_ids, scores)`` recognises each row as a one-token extension of some row of the
-    previous call (beam search may permute rows), advances its state and masks its scores, in one
-    kernel call for CPU logits; anything that cannot be a continuation starts a new generation whose
-    prompt is the current ``input_ids``. Reusing a batch for another ``generate`` call requires
-    :meth:`reset` (a new prompt can look like a continuation).
+    previous call (beam search may permute and duplicate rows), advances its state and masks its
+    scores, in one kernel call for CPU logits; anything that cannot be a continuation starts a new
+    generation whose prompt is the current ``input_ids``. Reusing a batch for another ``generate``
+    call requires :meth:`reset` (a new prompt can look like a continuation).
+
+    Cost per step: O(batch²) integer operations for the rows, whatever the context length (no row
+    is compared or copied whole; see :func:`~.kernels.guard_step`), plus the masks; the first call
+    of a generation reads the prompt once, O(batch × length).
+
+    Exactness: the ids of every row are read at O(batch) positions per step, never all of them.
+    Under the precondition that each row of a continuing call extends some row of the previous call
+    by one id — what ``generate`` does in greedy, sampling and beam search, with left padding or
+    not — each row's parent is exact (a row equal to it id for id), so each state is the state of
+    the row's own generated ids; see :func:`~.kernels._find_parents` for the argument and for what a
+    call that breaks the precondition can get past (the reason for :meth:`reset`).
     """
 
     def __init__(self, compiled: CompiledPolicy):
@@ -192,9 +203,12 @@ class GuideBatch:
 
     def reset(self) -> None:
         """Forget all rows: the next step starts a new generation."""
-        self._history = np.zeros((1, 64), dtype=np.int64)
         # Row 0: rows, length and prompt length of the previous call; row 1 + i: row i's states.
         self._tracker = np.zeros((2, max(3, self.compiled.n_components)), dtype=np.int32)
+        # Per row: its first id, the ids before the prompt boundary, its last ids (kernels.ROW_*).
+        self._rows = np.zeros((1, kernels.ROW_WIDTH), dtype=np.int64)
+        # Per pair of rows: where they first differ (-1: equal rows), and the first row's id there.
+        self._pairs = np.full((2, 1, 1), -1, dtype=np.int64)
 
     @property
     def rows(self) -> int:
@@ -222,23 +236,27 @@ class GuideBatch:
     def step(self, ids: np.ndarray, scores: torch.Tensor) -> bool:
         """Advance the rows to ``ids`` (int64, (batch, length)) and mask ``scores`` (batch, width) in
         place; returns True when a new generation started."""
-        rows, length = ids.shape
-        if rows > self._history.shape[0] or length > self._history.shape[1]:
-            self._reserve(rows, length)
+        rows = ids.shape[0]
+        if rows > self._rows.shape[0]:
+            self._reserve(rows)
         view = int_view(scores)
         if view is not None:  # CPU logits: advance and mask in one kernel call, nothing copied
-            return kernels.guard_step(self.compiled.blob, ids, self._history, self._tracker, *view, True)
+            return kernels.guard_step(self.compiled.blob, ids, self._tracker, self._rows, self._pairs, *view, True)
         # On an accelerator: advance on the host, mask on the logits' device (no host sync).
-        new = kernels.guard_step(self.compiled.blob, ids, self._history, self._tracker,
+        new = kernels.guard_step(self.compiled.blob, ids, self._tracker, self._rows, self._pairs,
                                  np.zeros((rows, 0), np.int32), np.int32(-1), False)
         mask_guides(scores, range(rows), self.guides)
         return new
 
-    def _reserve(self, rows: int, length: int) -> None:
-        have_rows, have_cols = self._history.shape
-        history = np.zeros((max(rows, have_rows), max(length, 2 * have_cols)), dtype=np.int64)
-        history[:have_rows, :have_cols] = self._history
-        self._history = history
-        tracker = np.zeros((1 + history.shape[0], self._tracker.shape[1]), dtype=np.int32)
+    def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows (more rows than the previous call: a new generation follows)."""
+        have = self._rows.shape[0]
+        tracker = np.zeros((1 + rows, self._tracker.shape[1]), dtype=np.int32)
         tracker[: len(self._tracker)] = self._tracker
         self._tracker = tracker
+        table = np.zeros((rows, kernels.ROW_WIDTH), dtype=np.int64)
+        table[:have] = self._rows
+        self._rows = table
+        pairs = np.full((2, rows, rows), -1, dtype=np.int64)
+        pairs[:, :have, :have] = self._pairs
+        self._pairs = pairs

@@ -207,60 +207,244 @@ def restore_eos_if_stuck(blob, row, ninf):
     row[first] = 0  # the bit pattern of 0.0 in every float format
 
 
+# ------------------------------------------------------------------------------ row recognition
+# GuideBatch's row recognition keeps, per row of the previous call, O(1) ids (the ``rows`` table) and,
+# per pair of rows, where the two first differ (the ``pairs`` table); never a copy of the rows.
+WINDOW = 8  # ids of each window kept per row
+ROW_FIRST = 0  # rows[i, 0]: the row's first id
+ROW_BOUNDARY = 1  # rows[i, 1:1 + WINDOW]: ids prompt_length - WINDOW ... prompt_length - 1
+ROW_TAIL = 1 + WINDOW  # rows[i, 1 + WINDOW:]: ids length - WINDOW ... length - 1 (the last id at the end)
+ROW_WIDTH = 1 + 2 * WINDOW
+
+
 @numba.njit(cache=True)
-def _same_prefix(a, b, n):
-    for j in range(n):
-        if a[j] != b[j]:
+def _is_candidate(row, info, prev_len):
+    """Cheap exclusions: a previous row whose first or last id differs from ``row``'s is not its parent."""
+    return info[ROW_FIRST] == row[0] and info[ROW_WIDTH - 1] == row[prev_len - 1]
+
+
+@numba.njit(cache=True)
+def _windows_agree(row, info, prev_len, prompt_len):
+    """``row`` holds the previous row's boundary and tail windows at their positions."""
+    for j in range(WINDOW):
+        pos = prompt_len - WINDOW + j
+        if pos >= 0 and row[pos] != info[ROW_BOUNDARY + j]:
+            return False
+        pos = prev_len - WINDOW + j
+        if pos >= 0 and row[pos] != info[ROW_TAIL + j]:
             return False
     return True
 
 
 @numba.njit(cache=True)
-def guard_step(blob, input_ids, history, tracker, logits, ninf, apply_mask):
-    """One decoding step for a batch: recognise the rows, advance their states and, with
-    ``apply_mask``, mask their logits (otherwise ``logits`` is not touched).
+def _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, parents):
+    """Each row's parent: the previous row it extends by one id. False if some row has none.
 
-    ``tracker[0] = [rows, length, prompt_length]`` of the previous call and ``tracker[1 + i, k]``
-    is row ``i``'s state in component ``k`` (the policy's automaton is the product of its
-    components); ``history[:rows, :length]`` holds the ids seen at the previous call. A call whose
-    rows each extend some previous row by exactly one token continues those rows (beam search may
-    permute them); anything else starts a new generation whose prompt is the current
-    ``input_ids``. Both arrays are updated in place. Returns True on a new generation.
+    Precondition P (what ``generate`` guarantees in greedy, sampling and beam search, with or without
+    left padding): ``input_ids[i, :prev_len]`` equals some previous row, for every ``i``.
+
+    Under P the parent found is exact — a row whose ids equal the true parent's — with O(prev_rows)
+    integer comparisons and reads of ``input_ids[i]`` at no more than prev_rows + 2 * WINDOW + 1
+    positions, whatever ``prev_len``: ``pairs[0, c, k]`` is the first position where previous rows
+    ``c`` and ``k`` differ (-1: equal rows) and ``pairs[1, c, k]`` row ``c``'s id there, so one read
+    of ``input_ids[i]`` at that position rules out ``c`` or ``k``. A tournament keeps the row not
+    ruled out (``i`` itself first, the common case); the true parent can never be ruled out, since
+    the row agrees with it at every position below ``prev_len``. The champion is then checked against
+    every other candidate once more, and against its first id and its two windows (the ids before
+    the prompt boundary and the last ids): any disagreement proves P false, and the call is not a
+    continuation. What is not read is not checked: a call that breaks P (a new generation whose rows
+    happen to agree with some previous row at every position read) is taken as a continuation —
+    hence ``GuideBatch.reset()`` between ``generate`` calls.
+    """
+    batch = input_ids.shape[0]
+    for i in range(batch):
+        row = input_ids[i]
+        c = -1
+        if i < prev_rows and _is_candidate(row, rows[i], prev_len):
+            c = i
+        for k in range(prev_rows):
+            if k == c or not _is_candidate(row, rows[k], prev_len):
+                continue
+            if c < 0:
+                c = k
+                continue
+            d = pairs[0, c, k]
+            if d >= 0 and row[d] != pairs[1, c, k]:
+                c = k  # the row is not c's extension (k may not be either: checked below)
+        if c < 0:
+            return False
+        for k in range(prev_rows):
+            if k != c and _is_candidate(row, rows[k], prev_len):
+                d = pairs[0, c, k]
+                if d >= 0 and row[d] != pairs[1, c, k]:
+                    return False
+        if not _windows_agree(row, rows[c], prev_len, prompt_len):
+            return False
+        parents[i] = c
+    return True
+
+
+@numba.njit(cache=True)
+def _start_rows(input_ids, rows, pairs):
+    """A new generation: each row's first id and windows, and ``pairs`` for every pair of rows.
+
+    ``pairs`` is built by splitting the rows into groups that agree on a growing prefix (a trie
+    walk): each group is scanned from where its rows are known to agree to the first position where
+    one differs, so every id is read O(1) times — O(batch × length) once per generation, and
+    O(batch²) to fill the table.
+    """
+    batch, length = input_ids.shape
+    for i in range(batch):
+        rows[i, ROW_FIRST] = input_ids[i, 0]
+        for j in range(WINDOW):
+            pos = length - WINDOW + j
+            v = input_ids[i, pos] if pos >= 0 else 0
+            rows[i, ROW_BOUNDARY + j] = v
+            rows[i, ROW_TAIL + j] = v
+        for k in range(batch):
+            pairs[0, i, k] = -1
+            pairs[1, i, k] = 0
+    order = np.arange(batch)
+    seg_lo = np.empty(2 * batch + 1, np.int64)
+    seg_hi = np.empty(2 * batch + 1, np.int64)
+    seg_start = np.empty(2 * batch + 1, np.int64)
+    top = 0
+    seg_lo[0], seg_hi[0], seg_start[0] = 0, batch, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        lo, hi, start = seg_lo[top], seg_hi[top], seg_start[top]
+        if hi - lo < 2:
+            continue
+        ref = input_ids[order[lo]]
+        j = length  # the first position >= start where some row of the group differs from ref
+        for m in range(lo + 1, hi):
+            other = input_ids[order[m]]
+            q = start
+            while q < j and other[q] == ref[q]:
+                q += 1
+            j = q
+        if j >= length:
+            continue  # equal rows: their pairs stay -1
+        for m in range(lo + 1, hi):  # insertion sort of the group by its id at j
+            x = order[m]
+            v = input_ids[x, j]
+            n = m
+            while n > lo and input_ids[order[n - 1], j] > v:
+                order[n] = order[n - 1]
+                n -= 1
+            order[n] = x
+        run = lo
+        while run < hi:
+            end = run + 1
+            v = input_ids[order[run], j]
+            while end < hi and input_ids[order[end], j] == v:
+                end += 1
+            for a in range(run, end):
+                for b in range(lo, hi):
+                    if b < run or b >= end:
+                        pairs[0, order[a], order[b]] = j
+                        pairs[1, order[a], order[b]] = v
+            seg_lo[top], seg_hi[top], seg_start[top] = run, end, j + 1
+            top += 1
+            run = end
+
+
+@numba.njit(cache=True)
+def _continue_rows(blob, input_ids, tracker, rows, pairs, parents):
+    """Advance each row from its parent's state by its last id; carry the parent's first id and
+    windows, and derive ``pairs`` from the parents' (O(batch²) integer copies, no id read twice):
+    two rows first differ where their parents do, or — same or equal parents — at the new last
+    position if their last ids differ. A row whose parent equals (id for id) a stopped row is
+    stopped too (fail closed whichever equal row the tournament kept)."""
+    batch, length = input_ids.shape
+    n_comp = blob[0]
+    identity = True
+    for i in range(batch):
+        if parents[i] != i:
+            identity = False
+    last = input_ids[:, length - 1].copy()
+    new_states = np.empty((batch, n_comp), np.int32)
+    for i in range(batch):
+        p = parents[i]
+        for k in range(n_comp):
+            s = tracker[1 + p, k]
+            for q in range(batch):
+                if q != p and pairs[0, p, q] < 0 and tracker[1 + q, k] < 0:
+                    s = VIOLATED
+            new_states[i, k] = next_state(blob, k, s, last[i])
+    for i in range(batch):
+        tracker[1 + i, :n_comp] = new_states[i]
+    if identity:  # greedy and sampling: rows keep their place, update in place
+        for i in range(batch):
+            for j in range(WINDOW - 1):
+                rows[i, ROW_TAIL + j] = rows[i, ROW_TAIL + j + 1]
+            rows[i, ROW_WIDTH - 1] = last[i]
+            for q in range(batch):
+                if pairs[0, i, q] < 0 and last[i] != last[q]:
+                    pairs[0, i, q] = length - 1
+                    pairs[1, i, q] = last[i]
+        return
+    new_rows = np.empty((batch, ROW_WIDTH), np.int64)
+    new_pairs = np.empty((2, batch, batch), np.int64)
+    for i in range(batch):
+        p = parents[i]
+        for j in range(ROW_TAIL):
+            new_rows[i, j] = rows[p, j]
+        for j in range(WINDOW - 1):
+            new_rows[i, ROW_TAIL + j] = rows[p, ROW_TAIL + j + 1]
+        new_rows[i, ROW_WIDTH - 1] = last[i]
+        for q in range(batch):
+            d = pairs[0, p, parents[q]]
+            if d >= 0:
+                new_pairs[0, i, q] = d
+                new_pairs[1, i, q] = pairs[1, p, parents[q]]
+            elif last[i] != last[q]:
+                new_pairs[0, i, q] = length - 1
+                new_pairs[1, i, q] = last[i]
+            else:
+                new_pairs[0, i, q] = -1
+                new_pairs[1, i, q] = 0
+    rows[:batch] = new_rows
+    pairs[:, :batch, :batch] = new_pairs
+
+
+@numba.njit(cache=True)
+def guard_step(blob, input_ids, tracker, rows, pairs, logits, ninf, apply_mask):
+    """One decoding step for a batch: recognise the rows, advance their states and, with
+    ``apply_mask``, mask their logits (otherwise ``logits`` is not touched). Returns True on a new
+    generation.
+
+    ``tracker[0] = [rows, length, prompt_length]`` of the previous call and ``tracker[1 + i, k]`` is
+    row ``i``'s state in component ``k`` (the policy's automaton is the product of its components);
+    ``rows[i]`` holds row ``i``'s first id, the WINDOW ids before the prompt boundary and its last
+    WINDOW ids; ``pairs[0, i, k]`` is the first position where rows ``i`` and ``k`` differ (-1:
+    equal) and ``pairs[1, i, k]`` row ``i``'s id there. All are updated in place; the caller sizes
+    them for the batch (``GuideBatch``).
+
+    A call with the previous call's number of rows and one more column continues the previous rows
+    if every row is recognised as a one-token extension of one of them (beam search reorders and
+    duplicates rows): :func:`_find_parents`, exact under its precondition P, with O(batch) work per
+    row whatever the length. Anything else — another batch size, not exactly one more column, a
+    row that disagrees with every previous row at a position read — starts a new generation whose
+    prompt is the current ``input_ids`` (O(batch × length) once, :func:`_start_rows`). Invariants
+    kept between calls: ``rows`` and ``pairs`` describe the previous call's rows exactly (they are
+    derived from ids read, never guessed), and each state is the state of the row's ids after the
+    prompt, if P held at every step.
     """
     batch, length = input_ids.shape
     n_comp = blob[0]
-    prev_rows, prev_len = tracker[0, 0], tracker[0, 1]
+    prev_rows, prev_len, prompt_len = tracker[0, 0], tracker[0, 1], tracker[0, 2]
     parents = np.empty(batch, np.int64)
     continuing = prev_rows == batch and length == prev_len + 1 and prev_len > 0
     if continuing:
-        for i in range(batch):
-            parents[i] = -1
-            if _same_prefix(input_ids[i], history[i], prev_len):
-                parents[i] = i
-            else:
-                for j in range(prev_rows):
-                    if _same_prefix(input_ids[i], history[j], prev_len):
-                        parents[i] = j
-                        break
-            if parents[i] < 0:
-                continuing = False
-                break
+        continuing = _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, parents)
     if continuing:
-        new_states = np.empty((batch, n_comp), np.int32)
-        for i in range(batch):
-            token = input_ids[i, length - 1]
-            for k in range(n_comp):
-                new_states[i, k] = next_state(blob, k, tracker[1 + parents[i], k], token)
-        for i in range(batch):
-            tracker[1 + i, :n_comp] = new_states[i]
-            if parents[i] == i:
-                history[i, length - 1] = input_ids[i, length - 1]
-            else:
-                history[i, :length] = input_ids[i]
+        _continue_rows(blob, input_ids, tracker, rows, pairs, parents)
     else:
         for i in range(batch):
             tracker[1 + i, :n_comp] = 0
-            history[i, :length] = input_ids[i]
+        _start_rows(input_ids, rows, pairs)
         tracker[0, 2] = length
     tracker[0, 0] = batch
     tracker[0, 1] = length
