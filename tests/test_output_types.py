@@ -195,11 +195,33 @@ def test_a_discriminated_union_is_enforced_as_one_of():
         shape.parse('{"kind": "a", "y": "z"}')
 
 
-def test_a_dead_end_ends_cleanly_and_is_never_presented_as_a_document(smollm2_model):
+def test_a_dead_end_is_refused_at_compile_time_naming_the_rules():
+    with pytest.raises(safedecode.PolicyError, match=r"output:choice: no complete document is possible.*forbid\[0\]"):
+        safedecode.compile_policy(output_type(Literal["yes", "no"]).policy(
+            Policy(forbid=[{"literal": "yes"}, {"literal": "no"}])), _tokenizer())
+    schema = {"type": "object", "properties": {"key": {"type": "string", "pattern": "AKIA[0-9]{4}"}}, "required": ["key"]}
+    with pytest.raises(safedecode.PolicyError, match=r"rule\(s\) aws .*'\{\"key\":\"AKIA"):
+        safedecode.compile_policy(output_type(schema).policy(Policy(forbid=[{"id": "aws", "regex": "AKIA[0-9]{4}"}])),
+                                  _tokenizer())
+    # One way out is enough: "no" stays possible.
+    safedecode.compile_policy(output_type(Literal["yes", "no"]).policy(Policy(forbid=[{"literal": "yes"}])), _tokenizer())
+
+
+def _tokenizer():
+    from safedecode.models import load_default_tokenizer
+
+    return load_default_tokenizer()
+
+
+def test_a_dead_end_at_run_time_ends_cleanly_and_is_never_presented_as_a_document(smollm2_model):
+    """The system-prompt spans are a separate part of the guard (not in the compile-time check): the
+    only allowed answer copies the system prompt, so the row is stuck, ends with EOS, and the
+    result says so."""
     model, tokenizer = smollm2_model
-    both = Policy(forbid=[{"literal": "yes"}, {"literal": "no"}])
-    result = safedecode.generate(model, tokenizer, "Answer yes or no:", both,
-                                 output_type=Literal["yes", "no"], max_new_tokens=5)
+    conversation = safedecode.Conversation(tokenizer).system("Reply with the code word: affirmative-bravo.")
+    conversation.user("Reply.")
+    result = safedecode.generate(model, tokenizer, conversation, output_type=Literal["affirmative-bravo"],
+                                 leak_window=8, max_new_tokens=12)
     assert result.parsed is None
     assert result.finish_reason == "content_filter"
-    assert "output_error" in result.extra
+    assert "affirmative-bravo" not in result.text and "output_error" in result.extra

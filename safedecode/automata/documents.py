@@ -45,3 +45,70 @@ def compose_document(language: CharDFA) -> CharDFA:
     end_accept[MATCH_STATE] = True
     eos_blocked = live & ~language.end_accept
     return CharDFA(trans, end_accept, language.word_class, language.alphabet, eos_blocked)
+
+
+def shortest_completion(document, others=(), limit: int = 20_000):
+    """A byte string that completes ``document`` (a document rule's byte DFA) while no DFA of
+    ``others`` (forbidden rules' byte DFAs) accepts any prefix of it: ``(True, witness)``;
+    ``(False, longest_prefix)`` when none exists (the rules leave no way to finish a valid document;
+    ``longest_prefix`` is where the search got closest); ``(None, b"")`` when ``limit`` product
+    states were searched without deciding.
+
+    A best-first search over the product automaton, ordered by the document's byte distance to
+    completion (so a completable product is usually decided in about as many steps as the witness
+    is long). An exhaustive search of the reachable product decides emptiness exactly."""
+    import heapq
+
+    distance = _distance_to_complete(document)
+    eos_blocked = document.eos_blocked_or_none()
+    dfas = [document] + list(others)
+    start = tuple(d.start for d in dfas)
+    frontier = [(int(distance[document.start]), 0, start)]
+    parent: dict[tuple, tuple] = {start: (None, -1)}
+    closest, order = (int(distance[document.start]), start), 1
+    while frontier:
+        if len(parent) > limit:
+            return None, b""
+        _, _, state = heapq.heappop(frontier)
+        if not eos_blocked[state[0]]:
+            return True, _path(parent, state)
+        successors = np.stack([d.trans[s] for d, s in zip(dfas, state)])  # [n_dfas, 256]
+        matched = np.stack([d.end_accept[row] for d, row in zip(dfas, successors)])
+        for byte in np.flatnonzero(~matched.any(axis=0)):  # a text in an accepting state is a violation
+            child = tuple(int(s) for s in successors[:, byte])
+            if child not in parent:
+                parent[child] = (state, int(byte))
+                closest = min(closest, (int(distance[child[0]]), child))
+                heapq.heappush(frontier, (int(distance[child[0]]), order, child))
+                order += 1
+    return False, _path(parent, closest[1])
+
+
+def _distance_to_complete(document) -> np.ndarray:
+    """For each state of a document byte DFA, the fewest bytes to a complete (not eos-blocked)
+    state (a breadth-first search backwards over the transitions)."""
+    n = document.n_states
+    complete = ~document.eos_blocked_or_none()
+    complete[MATCH_STATE] = False
+    sources = np.repeat(np.arange(n), document.trans.shape[1])
+    order = np.argsort(document.trans.ravel(), kind="stable")
+    bounds = np.searchsorted(document.trans.ravel()[order], np.arange(n + 1))
+    distance = np.full(n, np.iinfo(np.int32).max, np.int64)
+    frontier = np.flatnonzero(complete)
+    distance[frontier] = 0
+    step = 0
+    while len(frontier):
+        step += 1
+        before = np.concatenate([sources[order[bounds[t]:bounds[t + 1]]] for t in frontier])
+        before = np.unique(before[(distance[before] > step) & (before != MATCH_STATE)])
+        distance[before] = step
+        frontier = before
+    return distance
+
+
+def _path(parent: dict, state: tuple) -> bytes:
+    out = []
+    while parent[state][0] is not None:
+        state, byte = parent[state]
+        out.append(byte)
+    return bytes(reversed(out))

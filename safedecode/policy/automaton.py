@@ -13,7 +13,7 @@ from ..automata import charsets
 from ..automata.aho_corasick import phrase_dfa, plain_phrase, sequence_dfa, set_sequence
 from ..automata.blocks import co_reachable, compose_block
 from ..automata.dfa import START_STATE, CharDFA, determinize
-from ..automata.documents import can_complete, compose_document
+from ..automata.documents import can_complete, compose_document, shortest_completion
 from ..automata.nfa import build_nfa
 from ..automata.syntax import (
     DEFAULT_WORK_BUDGET,
@@ -225,8 +225,29 @@ def compile_components(policy: Policy, max_states: int = DEFAULT_MAX_STATES,
             components.append((compile_block(rule, ids[i], max_states, budget), [i]))
         elif isinstance(rule, DocumentRule):
             components.append((compile_document(rule, ids[i], max_states, budget), [i]))
+    for dfa, members in components:
+        if isinstance(policy.forbid[members[0]], DocumentRule):
+            _check_completable(dfa, ids[members[0]], components, ids)
     tick(len(nodes), len(nodes))
     return components
+
+
+def _check_completable(document: ByteDFA, document_id: str, components, ids) -> None:
+    """Refuse a document rule that no text can complete without another rule of the policy matching
+    (the product automaton has no path to a complete document): name the rules that block it, and
+    how far a document gets."""
+    others = [(dfa, members) for dfa, members in components if dfa is not document]
+    possible, prefix = shortest_completion(document, [dfa for dfa, _ in others])
+    if possible is not False:  # completable, or not decided within the search limit (ends cleanly at run time)
+        return
+    alone = [members for dfa, members in others if shortest_completion(document, [dfa])[0] is False]
+    blockers = sorted(ids[i] for members in alone for i in members)
+    who = (f"rule(s) {', '.join(blockers)}" if len(blockers) <= 5 or not alone else
+           f"rules {', '.join(blockers[:5])} and {len(blockers) - 5} more (compiled together)")
+    if not alone:
+        who = "the other rules together"
+    raise PolicyError(f"rule {document_id}: no complete document is possible: {who} forbid every way to finish it "
+                      f"(the furthest a document gets is {prefix.decode('utf-8', 'replace')!r})")
 
 
 def _split_compile(indices, nodes, ids, limit, max_states, budget=None) -> list[tuple[ByteDFA, list[int]]]:
