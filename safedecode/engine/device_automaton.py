@@ -66,7 +66,7 @@ __all__ = ["DeviceAutomaton", "DeviceAutomatonTooLargeError", "device_automaton"
 MASK_LAYOUTS = ("dense", "bits", "ids")
 STAY = -2  # destination of a token without text: the state does not change
 MAX_BASES = 64  # per component
-BASE_DIVISOR = 6  # a state differing from every base on more than vocab / 16 tokens becomes a base
+BASE_DIVISOR = 16  # a state differing from every base on more than vocab / 16 tokens becomes a base
 DEFAULT_BUDGET_BYTES = 512 << 20  # all tables of one policy on the device
 
 
