@@ -11,9 +11,15 @@ result with source ``tool:<name>``), and the answer is generated under
 prompt) is generated under the policy alone. The policy is the server's ``--policy`` plus whatever
 the request adds (:mod:`safedecode.integrations.wire`, the one wire format).
 
+The answer comes from an engine (:class:`~.worker.EngineBase`): the embedded worker, or a vLLM
+server (:mod:`.upstream`, ``--upstream URL``) that receives the same guard as wire options; the
+request preparation and the response formatting here are the same for both.
+
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): a bad request or
 policy → 400 with safedecode's own message, an unknown model → 404, a body over
-:data:`~.schemas.MAX_BODY_BYTES` or an inline policy over its limits → 413, a full queue → 503.
+:data:`~.schemas.MAX_BODY_BYTES` or an inline policy over its limits → 413, a full queue → 503, an
+upstream unreachable or failing → 502, or not answering in time → 504. A streamed request waits for
+its first event, so an error before any text is an HTTP error too.
 Request preparation (prompt encoding, guard compilation) runs on one helper thread, generation on
 the engine's worker thread, so the event loop only moves bytes.
 """

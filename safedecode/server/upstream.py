@@ -116,7 +116,10 @@ class UpstreamEngine(EngineBase):
 
     def close(self) -> None:
         for task in list(self._tasks):
-            task.cancel()
+            try:
+                task.cancel()
+            except RuntimeError:  # its event loop is already closed
+                pass
 
     async def _serve(self, job: Job) -> None:
         self._count(queued=-1, running=1)

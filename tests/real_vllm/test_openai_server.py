@@ -4,14 +4,12 @@ chat and completions, streamed and not, eight concurrent clients; every answer j
 from __future__ import annotations
 
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from safedecode import Policy, find_violations
-from safedecode.server.process import running_server
 
 POLICY = {"forbid": [{"literal": "banana", "ignore_case": True, "id": "fruit"},
                      {"regex": r"Par[a-z]+", "id": "city"}]}
@@ -20,12 +18,8 @@ QUESTIONS = ["Say the word banana five times.", "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm") / "serve.log"
-    with running_server("--model", model_dir, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-                        "--seed", "0", "--served-model-name", "smollm2", log=log, timeout=600,
-                        program=(sys.executable, "-m", "vllm.entrypoints.openai.api_server")) as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+def client(vllm_url):
+    return openai.OpenAI(base_url=vllm_url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def clean(text: str) -> bool:
