@@ -121,7 +121,7 @@ def test_connect_reads_the_model_and_refuses_an_upstream_it_cannot_trust(tokeniz
     assert (engine.model_name, engine.context_length, engine.remote) == ("smollm2", 512, True)
     with pytest.raises(UpstreamError, match="plugin is not loaded"):
         UpstreamEngine.connect(URL, "default", transport=FakeVllm(tokenizer, plugin=False).transport)
-    with pytest.raises(UpstreamError, match="'/nowhere', not a local model directory; give --model DIR"):
+    with pytest.raises(UpstreamError, match="from vLLM's model root '/nowhere' .*give --model DIR"):
         UpstreamEngine.connect(URL, None, transport=fake.transport)
     other = FakeVllm(tokenizer)
     other.tokenizer = type("Shifted", (), {"__call__": lambda self, text, **k: {"input_ids": [1, 2, 3]}})()

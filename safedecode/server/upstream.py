@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import SafeDecodeError
@@ -217,19 +216,26 @@ class UpstreamEngine(EngineBase):
 
 def load_tokenizer(model: Optional[str], root: Optional[str], served: str):
     """The upstream model's tokenizer, never downloaded: ``model`` (``"default"``: the embedded
-    SmolLM2's; else a local directory), or when None the local directory ``root`` vLLM reports."""
-    if model in ("default",):
+    SmolLM2's; a local directory; or a model name already in the local Hugging Face cache), or when
+    None what vLLM reports as the model's ``root`` (its directory or name)."""
+    if model == "default":
         from ..models import load_default_tokenizer
 
         return load_default_tokenizer()
     spec = model or root
-    if not spec or not Path(spec).is_dir():
-        raise UpstreamError(502, f"cannot load the tokenizer of upstream model {served!r}: "
-                                 f"{'--model ' + repr(model) + ' is not' if model else 'vLLM reports ' + repr(root) + ', not'}"
-                                 f" a local model directory; give --model DIR (the upstream model's files)")
-    from transformers import AutoTokenizer
+    if spec:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    else:
+        reason = "vLLM reports no model root"
+    where = f"--model {model!r}" if model else f"vLLM's model root {root!r}"
+    raise UpstreamError(502, f"cannot load the tokenizer of upstream model {served!r} from {where} (not a local "
+                             f"model directory nor in the local Hugging Face cache; nothing is downloaded: "
+                             f"{reason}); give --model DIR (the upstream model's files)")
 
 
 def _sync_call(url: str, method: str, path: str, body: Optional[dict], timeout: float, transport) -> Any:
