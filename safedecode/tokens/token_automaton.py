@@ -86,6 +86,43 @@ def _walk_from_start(trans, end_accept, start, trie_byte, trie_depth, tok_lo, to
 
 
 @numba.njit(cache=True)
+def _byte_class_map(trans):
+    """``class_of[byte]``: bytes whose columns of ``trans`` are identical share a class (a column hash
+    proposes the classes; a second pass verifies every column against its class's first, and a
+    byte that differs gets a class of its own — exact, never merging distinct columns)."""
+    n_states = trans.shape[0]
+    h = np.zeros(256, np.uint64)
+    for s in range(n_states):
+        for b in range(256):
+            h[b] = h[b] * np.uint64(1000003) + np.uint64(trans[s, b] + 1)
+    class_of = np.empty(256, np.int32)
+    first = np.empty(256, np.int32)  # first byte of each class
+    n_classes = 0
+    for b in range(256):
+        c = -1
+        for k in range(n_classes):
+            if h[first[k]] == h[b]:
+                c = k
+                break
+        if c < 0:
+            c = n_classes
+            first[c] = b
+            n_classes += 1
+        class_of[b] = c
+    differs = np.zeros(256, np.bool_)
+    for s in range(n_states):
+        for b in range(256):
+            if trans[s, b] != trans[s, first[class_of[b]]]:
+                differs[b] = True
+    for b in range(256):
+        if differs[b]:
+            first[n_classes] = b
+            class_of[b] = n_classes
+            n_classes += 1
+    return class_of, first[:n_classes].copy()
+
+
+@numba.njit(cache=True)
 def _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi, skip, max_depth, node_state,
              default_dest, seen, out_forb, out_override, out_new):
     """Lock-step walk from ``q`` against a reference's walk.
@@ -132,6 +169,7 @@ def _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi
     return nf, no, nn, differing
 
 
+
 def _csr(parts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
     ptr = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in parts], out=ptr[1:])
@@ -140,99 +178,200 @@ def _csr(parts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 MAX_REFERENCES = 64
+CHUNK = 1024  # states explored per call of the numba loop (between progress reports)
+
+# What ``_drive`` stopped for.
+_DONE, _NEW_REFERENCE, _GROW = 0, 1, 2
 
 
-class _Reference:
-    """A dense row: the walk of every trie node and every token from one DFA state."""
+@numba.njit(cache=True)
+def _fresh_destinations(default_dest, seen):
+    """The states ``default_dest`` reaches that are not ``seen`` yet, ascending; marks them seen."""
+    mark = np.zeros(len(seen), np.uint8)
+    n = 0
+    for r in range(len(default_dest)):
+        d = default_dest[r]
+        if d >= 0 and seen[d] == 0 and mark[d] == 0:
+            mark[d] = 1
+            n += 1
+    out = np.empty(n, np.int32)
+    k = 0
+    for s in range(len(seen)):
+        if mark[s]:
+            out[k] = s
+            seen[s] = 1
+            k += 1
+    return out
 
-    def __init__(self, state: int, dfa: ByteDFA, trie_args: tuple, n_ranks: int):
-        self.state = state
-        self.node_state, self.default_dest, self.forbidden = _walk_from_start(
-            dfa.trans, dfa.end_accept, state, *trie_args, n_ranks)
+
+@numba.njit(cache=True)
+def _drive(i, stop, n_order, order, hint, seen, state_ref, trans, end_accept, trie_byte, trie_depth, tok_lo,
+           tok_hi, sub_hi, skip, max_depth, ref_state, ref_node_state, ref_default_dest, n_refs, max_refs,
+           threshold, forb_count, forb_data, n_forb, override_count, override_data, n_override, forb_a, override_a,
+           forb_b, override_b, out_new):
+    """Explore token states ``order[i:]`` until ``stop`` (the loop ``build_token_automaton`` describes).
+
+    For each state: measure it against the reference its discoverer used (``hint``), then against
+    the start's if that costs more than ``threshold``; keep the cheaper (the first on a tie). States
+    discovered on the way are appended to ``order`` with the reference they were found through.
+    Returns ``(i, n_order, n_forb, n_override, why)``; ``why`` is ``_NEW_REFERENCE`` when state
+    ``order[i]`` must become a reference (done by the caller, which then records state ``i``),
+    ``_GROW`` when the output arrays may not hold one more state, ``_DONE`` otherwise.
+    """
+    n_ranks = len(ref_default_dest[0])
+    while i < n_order and i < stop:
+        if len(forb_data) - n_forb < n_ranks + 1 or len(override_data) - n_override < n_ranks:
+            return i, n_order, n_forb, n_override, _GROW
+        q = order[i]
+        best_diff = -1
+        best_ref = -1
+        best_nf = 0
+        best_no = 0
+        best_in_a = True
+        first = hint[i]
+        for attempt in range(2):
+            ref = first if attempt == 0 else 0
+            if attempt == 1 and (first == 0 or best_diff <= threshold):
+                break
+            if ref_state[ref] == q:
+                best_diff, best_ref, best_nf, best_no = 0, ref, 0, 0
+                break
+            into_a = attempt == 0 or not best_in_a
+            if into_a:
+                nf, no, nn, differing = _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi,
+                                                 skip, max_depth, ref_node_state[ref], ref_default_dest[ref], seen,
+                                                 forb_a, override_a, out_new)
+            else:
+                nf, no, nn, differing = _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi,
+                                                 skip, max_depth, ref_node_state[ref], ref_default_dest[ref], seen,
+                                                 forb_b, override_b, out_new)
+            for k in range(nn):
+                order[n_order] = out_new[k]
+                hint[n_order] = ref
+                n_order += 1
+            if best_ref < 0 or differing < best_diff:
+                best_diff, best_ref, best_nf, best_no, best_in_a = differing, ref, nf, no, into_a
+        if best_diff > threshold and n_refs < max_refs:
+            return i, n_order, n_forb, n_override, _NEW_REFERENCE
+        state_ref[i] = best_ref
+        forb_count[i] = best_nf
+        override_count[i] = best_no
+        if best_in_a:
+            forb_data[n_forb:n_forb + best_nf] = forb_a[:best_nf]
+            override_data[n_override:n_override + best_no] = override_a[:best_no]
+        else:
+            forb_data[n_forb:n_forb + best_nf] = forb_b[:best_nf]
+            override_data[n_override:n_override + best_no] = override_b[:best_no]
+        n_forb += best_nf
+        n_override += best_no
+        i += 1
+    return i, n_order, n_forb, n_override, _DONE
 
 
-def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None) -> dict[str, np.ndarray]:
+def _grown(array: np.ndarray, length: int) -> np.ndarray:
+    out = np.empty((length,) + array.shape[1:], array.dtype)
+    out[:len(array)] = array
+    return out
+
+
+def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None, threshold=None) -> dict[str, np.ndarray]:
     """Explore every DFA state reachable by whole tokens; return the tables described above.
 
-    ``progress``, if given, is called as ``progress(done, total_so_far)`` while exploring.
+    The exploration runs in one numba loop (:func:`_drive`), left only to make a new reference, to
+    grow the output arrays, and every :data:`CHUNK` states to call ``progress(done, total_so_far)``
+    if given. States are explored in discovery order; each is measured against the reference its
+    discoverer used and, if that costs more than the threshold, against the start's; a state that
+    differs from both on more than the threshold becomes a reference (up to :data:`MAX_REFERENCES`).
+    ``threshold`` (tokens; default ``max(2048, ranks // 16)``) is for tests.
     """
-    trans, end_accept = dfa.trans, dfa.end_accept
+    end_accept = dfa.end_accept
+    n_states = dfa.n_states
     n_ranks = len(trie.rank_to_id)
-    t = (trie.byte, trie.depth, trie.tok_lo, trie.tok_hi, trie.sub_hi, trie.skip, trie.max_depth)
+    # The walks read the DFA through its byte classes: rows of a few dozen columns instead of 256
+    # (a tenth of the memory for phrase lists), and each trie node's byte as its class.
+    class_of, firsts = _byte_class_map(dfa.trans)
+    columns = np.ascontiguousarray(dfa.trans[:, firsts])
+    t = (class_of.astype(np.uint8)[trie.byte], trie.depth, trie.tok_lo, trie.tok_hi, trie.sub_hi, trie.skip,
+         trie.max_depth)
     # A state becomes a reference when measuring it against the existing ones costs more than this.
-    threshold = max(2048, n_ranks // 16)
+    threshold = max(2048, n_ranks // 16) if threshold is None else threshold
 
-    seen = np.zeros(dfa.n_states, np.uint8)
-    order: list[int] = []
-    hint: list[int] = []  # per token state: the reference its discoverer used
+    seen = np.zeros(n_states, np.uint8)
+    order = np.empty(n_states, np.int32)  # token states in discovery order (each state at most once)
+    hint = np.empty(n_states, np.int32)  # per token state: the reference its discoverer used
+    state_ref = np.empty(n_states, np.int32)
+    forb_count = np.zeros(n_states, np.int64)
+    override_count = np.zeros(n_states, np.int64)
+    forb_data = np.empty((4 * (n_ranks + 1), 2), np.int32)
+    override_data = np.empty(4 * (n_ranks + 1), np.int32)
+    n_forb = n_override = 0
+    capacity = 4
+    ref_state = np.full(MAX_REFERENCES, -1, np.int32)
+    ref_node_state = np.empty((capacity, trie.n_nodes), np.int32)
+    ref_default_dest = np.empty((capacity, n_ranks), np.int32)
+    ref_forbidden: list[np.ndarray] = []
 
-    def discover(states, via_ref: int) -> None:
-        for s in states:
-            order.append(int(s))
-            hint.append(via_ref)
+    def new_reference(state: int, n_order: int) -> int:
+        nonlocal capacity, ref_node_state, ref_default_dest
+        k = len(ref_forbidden)
+        if k == capacity:
+            capacity = min(2 * capacity, MAX_REFERENCES)
+            ref_node_state = _grown(ref_node_state, capacity)
+            ref_default_dest = _grown(ref_default_dest, capacity)
+        node_state, default_dest, forbidden = _walk_from_start(columns, end_accept, state, *t, n_ranks)
+        ref_state[k], ref_node_state[k], ref_default_dest[k] = state, node_state, default_dest
+        ref_forbidden.append(forbidden)
+        fresh = _fresh_destinations(default_dest, seen)
+        order[n_order:n_order + len(fresh)] = fresh
+        hint[n_order:n_order + len(fresh)] = k
+        return n_order + len(fresh)
 
-    def new_reference(state: int) -> int:
-        references.append(_Reference(state, dfa, t, n_ranks))
-        dests = np.unique(references[-1].default_dest)
-        dests = dests[dests >= 0]
-        fresh = dests[seen[dests] == 0]
-        seen[fresh] = 1
-        discover(fresh, len(references) - 1)
-        return len(references) - 1
-
-    references: list[_Reference] = []
     seen[dfa.start] = 1
-    discover([dfa.start], 0)
-    new_reference(dfa.start)
+    order[0], hint[0] = dfa.start, 0
+    n_order = new_reference(dfa.start, 1)
     out_forb = np.empty((n_ranks + 1, 2), np.int32)
     out_override = np.empty(n_ranks, np.int32)
-    out_new = np.empty(dfa.n_states, np.int32)
-    forb_parts, override_parts, state_ref = [], [], []
-    empty = np.empty(0, np.int32)
+    out_forb_b = np.empty((n_ranks + 1, 2), np.int32)
+    out_override_b = np.empty(n_ranks, np.int32)
+    out_new = np.empty(n_states, np.int32)
     i = 0
-    while i < len(order):
-        q = order[i]
-        best = None
-        for ref_index in dict.fromkeys((hint[i], 0)):
-            if best is not None and best[0] <= threshold:
-                break  # the inherited reference is good enough: skip measuring against the start
-            ref = references[ref_index]
-            if ref.state == q:
-                best = (0, ref_index, np.empty((0, 2), np.int32), empty)
-                break
-            nf, no, nn, differing = _explore(q, trans, end_accept, *t, ref.node_state, ref.default_dest, seen,
-                                             out_forb, out_override, out_new)
-            discover(out_new[:nn], ref_index)
-            if best is None or differing < best[0]:
-                best = (differing, ref_index, out_forb[:nf].copy(), out_override[:no].copy())
-        if best[0] > threshold and len(references) < MAX_REFERENCES:
-            best = (0, new_reference(q), np.empty((0, 2), np.int32), empty)
-        _, ref_index, forb, override = best
-        forb_parts.append(forb)
-        override_parts.append(override)
-        state_ref.append(ref_index)
-        i += 1
-        if progress is not None and (i % 256 == 0 or i == len(order)):
-            progress(i, len(order))
+    reported = 0
+    while i < n_order:
+        i, n_order, n_forb, n_override, why = _drive(
+            i, i + CHUNK, n_order, order, hint, seen, state_ref, columns, end_accept, *t, ref_state, ref_node_state,
+            ref_default_dest, len(ref_forbidden), MAX_REFERENCES, threshold, forb_count, forb_data, n_forb,
+            override_count, override_data, n_override, out_forb, out_override, out_forb_b, out_override_b, out_new)
+        if why == _NEW_REFERENCE:
+            state_ref[i] = len(ref_forbidden)
+            n_order = new_reference(int(order[i]), n_order)
+            i += 1
+        elif why == _GROW:
+            forb_data = _grown(forb_data, 2 * len(forb_data))
+            override_data = _grown(override_data, 2 * len(override_data))
+        if progress is not None and (i - reported >= 256 or i == n_order):
+            reported = i
+            progress(i, n_order)
 
-    forb_ptr, forb = _csr(forb_parts, 2)
-    override_ptr = np.zeros(len(override_parts) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in override_parts], out=override_ptr[1:])
-    ref_forb_ptr, ref_forb = _csr([ref.forbidden for ref in references], 2)
-    compact = np.full(dfa.n_states, -1, np.int32)
-    compact[np.array(order, dtype=np.int64)] = np.arange(len(order), dtype=np.int32)
+    forb_ptr = np.zeros(n_order + 1, dtype=np.int64)
+    np.cumsum(forb_count[:n_order], out=forb_ptr[1:])
+    override_ptr = np.zeros(n_order + 1, dtype=np.int64)
+    np.cumsum(override_count[:n_order], out=override_ptr[1:])
+    ref_forb_ptr, ref_forb = _csr(ref_forbidden, 2)
+    byte_state = order[:n_order].copy()
+    compact = np.full(n_states, -1, np.int32)
+    compact[byte_state] = np.arange(n_order, dtype=np.int32)
     return {
         "rank_to_id": trie.rank_to_id,
-        "state_ref": np.array(state_ref, dtype=np.int32),
+        "state_ref": state_ref[:n_order].copy(),
         "ref_forb_ptr": ref_forb_ptr,
         "ref_forb_lo": ref_forb[:, 0].copy(),
         "ref_forb_hi": ref_forb[:, 1].copy(),
         "forb_ptr": forb_ptr,
-        "forb_lo": forb[:, 0].copy(),
-        "forb_hi": forb[:, 1].copy(),
+        "forb_lo": forb_data[:n_forb, 0].copy(),
+        "forb_hi": forb_data[:n_forb, 1].copy(),
         "override_ptr": override_ptr,
-        "override": np.concatenate(override_parts) if override_parts else empty,
-        "byte_state": np.array(order, dtype=np.int32),
+        "override": override_data[:n_override].copy(),
+        "byte_state": byte_state,
         "compact": compact,
-        "n_references": np.array([len(references)], dtype=np.int32),
+        "n_references": np.array([len(ref_forbidden)], dtype=np.int32),
     }

@@ -1,0 +1,92 @@
+"""The compiled (numba) paths of the compiler build exactly what the pure-Python ones built.
+
+The Python implementations live on in ``tests/support`` as oracles:
+
+* :mod:`tests.support.reference_token_automaton` — the token automaton's Python driver: the numba
+  driver must give identical tables (same arrays, same order) on random policies and vocabularies,
+  with the reference threshold lowered so that references and the reference cap are exercised.
+"""
+import numpy as np
+import pytest
+import regex
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from safedecode.automata.syntax import parse
+from safedecode.errors import PatternError
+from safedecode.policy.automaton import compile_components, compile_nodes
+from safedecode.policy.rules import load_policy
+from safedecode.tokens import token_automaton
+from safedecode.tokens.trie import build_trie
+from safedecode.tokens.vocabulary import vocabulary_of
+
+from tests.support import reference_token_automaton
+
+PIECES = ["a", "b", "ab", "ba", "aa", " ", " a", "é", "ß", "\n", "1", "k", "K", "-", "_", "sk", "x", "😀"]
+RAW = [b"\xff", b"\xc3", b"\xe2\x82", b"\xf0\x9f", b"\x80"]
+SIMPLE = ["a", "b", "ab", r"\d", r"\w", "[ab]", ".", "é", r"\s", "(?i:k)", "ß", "-"]
+
+
+def simple_patterns():
+    atom = st.sampled_from(SIMPLE)
+    leaf = st.one_of(atom, atom, st.sampled_from(["^", "$", r"\b", r"\B", r"\A", r"\Z"]))
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map(lambda t: f"{t[0]}|{t[1]}"),
+        st.tuples(inner, st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "{2,}"])).map(lambda t: f"(?:{t[0]}){t[1]}"),
+    ), max_leaves=5)
+
+
+def vocabularies():
+    token = st.one_of(st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map(lambda p: "".join(p).encode()),
+                      st.lists(st.sampled_from(RAW + [b"a", b"b"]), min_size=1, max_size=3).map(b"".join))
+    return st.lists(token, min_size=1, max_size=120)
+
+
+def assert_same_tables(new: dict, old: dict) -> None:
+    assert new.keys() == old.keys()
+    for key in old:
+        a, b = np.asarray(new[key]), np.asarray(old[key])
+        assert a.dtype == b.dtype, key
+        assert a.shape == b.shape and np.array_equal(a, b), key
+
+
+def both(dfa, trie, threshold=None):
+    return (token_automaton.build_token_automaton(dfa, trie, threshold=threshold),
+            reference_token_automaton.build_token_automaton(dfa, trie, threshold=threshold))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(patterns=st.lists(simple_patterns(), min_size=1, max_size=3), tokens=vocabularies(),
+       threshold=st.integers(0, 6))
+def test_token_automaton_equals_the_python_driver(patterns, tokens, threshold):
+    try:
+        nodes = [parse(p) for p in patterns]
+    except PatternError:
+        assume(False)
+    dfa = compile_nodes(nodes, max_states=5_000)
+    trie = build_trie(tokens)
+    assert_same_tables(*both(dfa, trie, threshold))
+    assert_same_tables(*both(dfa, trie))
+
+
+@pytest.mark.parametrize("name", ["secrets", "shell", "exfil"])
+def test_token_automaton_equals_the_python_driver_on_shipped_policies(name, smollm2_tokenizer):
+    trie = build_trie(vocabulary_of(smollm2_tokenizer).token_bytes)
+    for dfa, _ in compile_components(load_policy(name)):
+        assert_same_tables(*both(dfa, trie))
+
+
+def test_token_automaton_reference_cap_and_chunks(smollm2_tokenizer, monkeypatch):
+    """A low threshold makes nearly every state a reference until the cap; small chunks make the
+    driver stop and resume often; progress is reported up to the last state."""
+    trie = build_trie(vocabulary_of(smollm2_tokenizer).token_bytes)
+    dfa = compile_nodes([parse(r"(?:^|[^0-9A-Za-z_-])sk-[A-Za-z0-9]{20,}"), parse(regex.escape("password"))])
+    monkeypatch.setattr(token_automaton, "CHUNK", 7)
+    calls = []
+    new = token_automaton.build_token_automaton(dfa, trie, progress=lambda done, total: calls.append((done, total)),
+                                                threshold=10)
+    old = reference_token_automaton.build_token_automaton(dfa, trie, threshold=10)
+    assert_same_tables(new, old)
+    assert int(new["n_references"][0]) == token_automaton.MAX_REFERENCES
+    assert calls[-1][0] == calls[-1][1] == len(new["byte_state"])
