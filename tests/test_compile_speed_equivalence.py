@@ -4,7 +4,9 @@ The Python implementations live on in ``tests/support`` as oracles:
 
 * :mod:`tests.support.reference_token_automaton` — the token automaton's Python driver: the numba
   driver must give identical tables (same arrays, same order) on random policies and vocabularies,
-  with the reference threshold lowered so that references and the reference cap are exercised.
+  with the reference threshold lowered so that references and the reference cap are exercised;
+* :mod:`tests.support.reference_automata` — the Aho–Corasick phrase DFA built with Python dicts:
+  the numba trie and failure pass must give the identical table (same state numbers).
 """
 import numpy as np
 import pytest
@@ -20,7 +22,10 @@ from safedecode.tokens import token_automaton
 from safedecode.tokens.trie import build_trie
 from safedecode.tokens.vocabulary import vocabulary_of
 
-from tests.support import reference_token_automaton
+from safedecode.automata.aho_corasick import phrase_dfa, plain_phrase
+from safedecode.policy.automaton import _CharContext
+
+from tests.support import reference_automata, reference_token_automaton
 
 PIECES = ["a", "b", "ab", "ba", "aa", " ", " a", "é", "ß", "\n", "1", "k", "K", "-", "_", "sk", "x", "😀"]
 RAW = [b"\xff", b"\xc3", b"\xe2\x82", b"\xf0\x9f", b"\x80"]
@@ -90,3 +95,69 @@ def test_token_automaton_reference_cap_and_chunks(smollm2_tokenizer, monkeypatch
     assert_same_tables(new, old)
     assert int(new["n_references"][0]) == token_automaton.MAX_REFERENCES
     assert calls[-1][0] == calls[-1][1] == len(new["byte_state"])
+
+
+def assert_same_char_dfa(new, old) -> None:
+    assert new.trans.dtype == old.trans.dtype and np.array_equal(new.trans, old.trans)
+    assert new.end_accept.dtype == old.end_accept.dtype and np.array_equal(new.end_accept, old.end_accept)
+    assert np.array_equal(new.word_class, old.word_class) and new.alphabet is old.alphabet
+    assert (new.eos_blocked is None) == (old.eos_blocked is None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(phrases=st.lists(st.text(alphabet="abcé😀 \n-", min_size=1, max_size=6), min_size=1, max_size=30))
+def test_phrase_dfa_equals_the_python_construction(phrases):
+    nodes = [parse(regex.escape(p)) for p in phrases]
+    context = _CharContext(nodes)
+    literal = [plain_phrase(node) for node in nodes]
+    new = phrase_dfa(literal, context.alphabet, context.word_classes)
+    old = reference_automata.phrase_dfa(literal, context.alphabet, context.word_classes)
+    assert_same_char_dfa(new, old)
+
+
+def test_phrase_dfa_equals_the_python_construction_on_many_phrases(smollm2_tokenizer):
+    import random
+
+    rng = random.Random(3)
+    words = ["pass", "password", "word", "sword", "or", "the house", "house party", "ho", "use", "a", "é€"]
+    phrases = list(dict.fromkeys(" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(3000)))
+    nodes = [parse(regex.escape(p)) for p in phrases]
+    context = _CharContext(nodes)
+    literal = [plain_phrase(node) for node in nodes]
+    assert_same_char_dfa(phrase_dfa(literal, context.alphabet, context.word_classes),
+                         reference_automata.phrase_dfa(literal, context.alphabet, context.word_classes))
+
+
+def _old_spec_order(node, out):
+    from safedecode.automata.syntax import Alt, Chars, Repeat, Seq
+
+    if isinstance(node, Chars):
+        out.append(node.spec)
+    elif isinstance(node, (Seq, Alt)):
+        for item in node.items:
+            _old_spec_order(item, out)
+    elif isinstance(node, Repeat):
+        _old_spec_order(node.item, out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(patterns=st.lists(st.one_of(simple_patterns(), st.text(alphabet="abk é", min_size=1, max_size=4).map(regex.escape)),
+                         min_size=1, max_size=5), ignore_case=st.booleans())
+def test_char_context_partitions_as_before(patterns, ignore_case):
+    """Literal characters are deduplicated as code points now: same sets in the same order, so the
+    same alphabet (class numbers included)."""
+    from safedecode.automata import charsets
+
+    try:
+        nodes = [parse(p, ignore_case=ignore_case) for p in patterns]
+    except PatternError:
+        assume(False)
+    specs: list = []
+    for node in nodes:
+        _old_spec_order(node, specs)
+    sets = [charsets.resolve(spec) for spec in dict.fromkeys(specs)]
+    sets += [charsets.resolve(charsets.WORD_CHARS), charsets.resolve(charsets.NEWLINE)]
+    old = charsets.build_alphabet(sets)
+    new = _CharContext(nodes).alphabet
+    assert new.n_classes == old.n_classes
+    assert np.array_equal(new.starts, old.starts) and np.array_equal(new.interval_class, old.interval_class)

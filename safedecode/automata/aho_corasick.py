@@ -12,8 +12,9 @@ state 1, and a node where some phrase ends (itself or through its failure chain)
 """
 from __future__ import annotations
 
-from collections import deque
+import itertools
 
+import numba
 import numpy as np
 
 from ..errors import AutomatonTooLargeError
@@ -24,10 +25,15 @@ from .syntax import Budget, Chars, Node, Seq, budget_or_unlimited
 def plain_phrase(node: Node):
     """The code points of a plain literal pattern, or None if ``node`` is anything else."""
     items = node.items if isinstance(node, Seq) else (node,)
-    if not items or not all(isinstance(i, Chars) and i.spec.kind == "char" and not i.spec.ignore_case
-                            for i in items):
-        return None
-    return [i.spec.value for i in items]
+    code_points = []
+    for item in items:  # one pass (10,000 phrases call this for every character)
+        if not isinstance(item, Chars):
+            return None
+        spec = item.spec
+        if spec.kind != "char" or spec.ignore_case:
+            return None
+        code_points.append(spec.value)
+    return code_points or None
 
 
 def set_sequence(node: Node):
@@ -40,45 +46,96 @@ def set_sequence(node: Node):
     return [i.spec for i in items]
 
 
-def phrase_dfa(phrases: list[list[int]], alphabet, word_classes: np.ndarray,
-               budget: Budget = None) -> CharDFA:
-    """The character DFA of "contains one of ``phrases``" over ``alphabet``'s classes."""
-    budget = budget_or_unlimited(budget)
-    budget.spend(sum(map(len, phrases)) * (2 + alphabet.n_classes // 256))
-    children: list[dict[int, int]] = [{}, {}]  # node 0 stands for MATCH, node 1 is the root
-    ends = [False, False]
-    for phrase in phrases:
-        node = START_STATE
-        for code_point in phrase:
-            cls = alphabet.class_of(code_point)
-            nxt = children[node].get(cls)
-            if nxt is None:
-                nxt = len(children)
-                children[node][cls] = nxt
-                children.append({})
-                ends.append(False)
+@numba.njit(cache=True)
+def _phrase_trie(classes, lengths):
+    """The trie of the phrases (``classes``: their character classes laid end to end), numbered as
+    inserted: node 0 stands for MATCH, node 1 is the root. Children are kept in insertion order
+    (``first_child``/``next_sibling``); ``ends`` marks the nodes where a phrase ends."""
+    n_max = len(classes) + 2
+    child_cls = np.empty(n_max, np.int64)
+    first_child = np.full(n_max, -1, np.int64)
+    last_child = np.full(n_max, -1, np.int64)
+    next_sibling = np.full(n_max, -1, np.int64)
+    ends = np.zeros(n_max, np.bool_)
+    index = dict()
+    index[np.int64(-1)] = np.int64(-1)  # fixes the key and value types
+    n = 2
+    k = 0
+    for length in lengths:
+        node = 1
+        for _ in range(length):
+            cls = classes[k]
+            k += 1
+            key = node * (n_max + 1) + cls
+            if key in index:
+                nxt = index[key]
+            else:
+                nxt = n
+                n += 1
+                index[key] = nxt
+                child_cls[nxt] = cls
+                if last_child[node] < 0:
+                    first_child[node] = nxt
+                else:
+                    next_sibling[last_child[node]] = nxt
+                last_child[node] = nxt
             node = nxt
         ends[node] = True
-    n = len(children)
-    trans = np.zeros((n, alphabet.n_classes), dtype=np.int32)
-    accept = np.zeros(n, dtype=bool)
+    return n, child_cls, first_child, next_sibling, ends
+
+
+@numba.njit(cache=True)
+def _phrase_rows(n, n_classes, child_cls, first_child, next_sibling, ends):
+    """The breadth-first pass of Aho–Corasick over the trie: a missing edge follows the failure link;
+    a node where a phrase ends (itself or through its failure chain) goes to MATCH on everything."""
+    trans = np.zeros((n, n_classes), np.int32)
+    accept = np.zeros(n, np.bool_)
     accept[MATCH_STATE] = True
     trans[START_STATE, :] = START_STATE
-    queue = deque()
-    for cls, child in children[START_STATE].items():
-        trans[START_STATE, cls] = child
-        queue.append((child, START_STATE))  # (node, its failure link)
+    queue_node = np.empty(n, np.int64)
+    queue_fail = np.empty(n, np.int64)
+    head = tail = 0
+    c = first_child[START_STATE]
+    while c >= 0:
+        trans[START_STATE, child_cls[c]] = c
+        queue_node[tail] = c
+        queue_fail[tail] = START_STATE
+        tail += 1
+        c = next_sibling[c]
     accept[START_STATE] = ends[START_STATE]
-    while queue:
-        node, fail = queue.popleft()
+    while head < tail:
+        node = queue_node[head]
+        fail = queue_fail[head]
+        head += 1
         accept[node] = ends[node] or accept[fail]
         if accept[node]:
             trans[node, :] = MATCH_STATE  # a phrase ended: every continuation contains a match
             continue
-        trans[node] = trans[fail]
-        for cls, child in children[node].items():
-            trans[node, cls] = child
-            queue.append((child, int(trans[fail, cls])))
+        trans[node, :] = trans[fail, :]
+        c = first_child[node]
+        while c >= 0:
+            trans[node, child_cls[c]] = c
+            queue_node[tail] = c
+            queue_fail[tail] = trans[fail, child_cls[c]]
+            tail += 1
+            c = next_sibling[c]
+    return trans, accept
+
+
+def phrase_dfa(phrases: list[list[int]], alphabet, word_classes: np.ndarray,
+               budget: Budget = None) -> CharDFA:
+    """The character DFA of "contains one of ``phrases``" over ``alphabet``'s classes.
+
+    States are trie nodes numbered as the phrases insert them (MATCH 0, root 1); the trie and the
+    breadth-first failure pass run in numba (:func:`_phrase_trie`, :func:`_phrase_rows`).
+    """
+    budget = budget_or_unlimited(budget)
+    budget.spend(sum(map(len, phrases)) * (2 + alphabet.n_classes // 256))
+    lengths = np.fromiter(map(len, phrases), dtype=np.int64, count=len(phrases))
+    code_points = np.fromiter(itertools.chain.from_iterable(phrases), dtype=np.int64, count=int(lengths.sum()))
+    classes = alphabet.interval_class[np.searchsorted(alphabet.starts, code_points, side="right") - 1].astype(np.int64)
+    n, child_cls, first_child, next_sibling, ends = _phrase_trie(classes, lengths)
+    trans, accept = _phrase_rows(n, alphabet.n_classes, child_cls, first_child, next_sibling, ends)
     return CharDFA(trans, accept, word_classes, alphabet)
 
 
