@@ -155,18 +155,18 @@ def test_random_beam_search_over_few_ids(setup, seed):
 
 
 def test_new_generation_of_the_same_shape_is_detected(setup):
-    """Without reset: a new prompt of one more column whose last ids differ from the old rows' (a new
-    chat turn ends with the assistant header), with the old rows' first id, starts over (``Run``
+    """Without reset: a new prompt of one more column with the old rows' first and last ids, whose
+    ids before those differ from the old rows' (a new chat turn ends with a header), starts over (``Run``
     checks every row is back at the start state); so does a prompt as long as the previous rows
     (the same shape), and one of another batch size."""
     tok, guard, p, prompt = setup
     guard.reset()
     run = Run(guard, [prompt, prompt], len(tok))
-    run.extend([p["begin"] + p["x"] * 3, p["start"] + p["x"] * 3])
+    run.extend([p["start"] + p["x"] * 3] * 2)  # equal rows: no pair position to read, only the windows
     length = len(run.rows[0])
-    header = tok.encode(" and the assistant says:", add_special_tokens=False)
-    fresh = (prompt * 2)[:length + 1 - len(header)] + header
-    assert len(fresh) == length + 1 and fresh[0] == run.rows[0][0]
+    header = tok.encode(" and the assistant says:", add_special_tokens=False) + p["x"] + p["the"]
+    fresh = (prompt * 2)[:length + 1 - len(header)] + header  # the old rows' last id, then one more
+    assert len(fresh) == length + 1 and fresh[0] == run.rows[0][0] and fresh[-2] == run.rows[0][-1]
     again = Run(guard, [fresh, fresh], len(tok))
     paris = tok.encode("Paris", add_special_tokens=False)[0]
     assert paris in again.masks[0]  # the anchored rule applies again: this is a start
@@ -210,7 +210,7 @@ def test_a_stopped_row_stays_stopped_whichever_equal_row_it_extends(setup):
 
 @pytest.mark.model
 def test_real_beam_search_on_a_long_prompt(smollm2_model):
-    """transformers' own beam search (4 beams, 2 prompts of ~1,500 ids, left padding): each row's mask
+    """transformers' own beam search (3 beams, 2 prompts of ~600 ids, left padding; the simulated runs above use 3,000): each row's mask
     equals the mask of that row's generated ids, recomputed from scratch, at every step."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -230,16 +230,16 @@ def test_real_beam_search_on_a_long_prompt(smollm2_model):
             Checker.steps += 1
             return scores
 
-    filler = " ".join(["The city council met on Tuesday to discuss the budget for 12 new parks."] * 90)
+    filler = " ".join(["The city council met on Tuesday to discuss the budget for 12 new parks."] * 35)
     prompts = [tok.apply_chat_template([{"role": "user", "content": filler + f" Question {k}: name the capital of "
                                          f"France and count to 30."}], tokenize=False, add_generation_prompt=True)
                for k in range(2)]
     prompts[1] = prompts[1].replace("Tuesday", "Monday", 1)  # the two prompts differ far back only
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
-    assert enc["input_ids"].shape[1] > 1000
-    out = model.generate(**enc, logits_processor=LogitsProcessorList([guard, Checker()]), num_beams=4,
-                         num_return_sequences=4, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert enc["input_ids"].shape[1] > 500
+    out = model.generate(**enc, logits_processor=LogitsProcessorList([guard, Checker()]), num_beams=3,
+                         num_return_sequences=3, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert Checker.steps > 1
     for text in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
         assert "Paris" not in text

@@ -2,18 +2,22 @@
 
 ``model.generate`` calls a logits processor with the whole ``input_ids`` (prompt included) and the
 next-token scores at every step. The processor holds a :class:`~safedecode.engine.guide.GuideBatch`:
-per row, the automaton state of the text generated so far and a copy of the ids it last saw; one
-kernel call recognises each new row as a one-token extension of some previous row (beam search
-reorders rows), advances its state, and writes -inf into the forbidden ids, with no copy of the
-logits on CPU (on an accelerator the mask is written on the device, with no host sync).
+per row, the automaton state of the text generated so far and a few of its ids (the first, the last
+ones, those before the prompt boundary), and per pair of rows where they first differ; one kernel
+call recognises each new row as a one-token extension of some previous row (beam search reorders
+rows) by reading it at O(batch) positions, whatever the context length, advances its state, and
+writes -inf into the forbidden ids, with no copy of the logits on CPU (on an accelerator the mask is
+written on the device, with no host sync).
 
 **Reuse needs** :meth:`reset`. From ``(input_ids, scores)`` alone a new ``generate`` call cannot
 always be told from a continuation: a new prompt that happens to be a one-token extension of the
 previous call's rows (the previous call generated one token, say) would count its last token as
 output. So reusing a processor object for another ``model.generate`` call requires ``reset()``
 first; :func:`safedecode.generate`, the server and the vLLM plugin build or reset theirs. The
-processor still restarts on its own when the rows cannot be a continuation (another batch size or
-first column, a row that is not a one-token extension), but that is a safety net, not a contract.
+processor still restarts on its own when the rows cannot be a continuation (another batch size, not
+exactly one more column, a row whose first id, last ids, ids before the prompt boundary or ids where
+previous rows differ match no previous row), but that is a safety net, not a contract: ids it does
+not read are not compared (see :func:`safedecode.engine.kernels._find_parents`).
 
 A processor holds per-generation state: use one per concurrent generation (the compiled policy it
 wraps is immutable and shared).

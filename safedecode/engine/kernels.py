@@ -210,6 +210,23 @@ def restore_eos_if_stuck(blob, row, ninf):
 # ------------------------------------------------------------------------------ row recognition
 # GuideBatch's row recognition keeps, per row of the previous call, O(1) ids (the ``rows`` table) and,
 # per pair of rows, where the two first differ (the ``pairs`` table); never a copy of the rows.
+#
+# What is compared, per row i of a call with the previous call's B rows and one more column:
+#   * with each previous row k: input_ids[i, 0] and input_ids[i, L-2] against k's first and last ids;
+#   * with the rows k left (candidates): input_ids[i, d] at d = the first position where candidates
+#     differ (a tournament, then a check of the winner against every other candidate);
+#   * with the winner: the WINDOW ids before the prompt boundary and the WINDOW ids before L-1.
+# That is O(B) reads and O(B) integer comparisons per row, O(B²) per step, whatever L.
+# Why it is sound: under precondition P (each row's first L-1 ids are some previous row, which is how
+# generate builds input_ids), a previous row that differs from the true parent differs from the new
+# row at the first position where it differs from the parent, which is read: so the parent found is
+# the true parent or a row equal to it id for id (see _find_parents), and each state is that of the
+# row's own ids. No hashing is involved, so there is no collision to assume. Residual assumption:
+# P itself — a call that breaks it but agrees with a previous row at every position read (a new
+# generation built to look like a continuation) is taken as one; reset() between generate calls.
+# Reading fewer positions cannot be exact: a previous row can differ from the parent at a single
+# position, a different one for each of the B - 1 others, and a hash of the new row's prefix would
+# have to read it whole (O(L)).
 WINDOW = 8  # ids of each window kept per row
 ROW_FIRST = 0  # rows[i, 0]: the row's first id
 ROW_BOUNDARY = 1  # rows[i, 1:1 + WINDOW]: ids prompt_length - WINDOW ... prompt_length - 1
@@ -217,10 +234,11 @@ ROW_TAIL = 1 + WINDOW  # rows[i, 1 + WINDOW:]: ids length - WINDOW ... length - 
 ROW_WIDTH = 1 + 2 * WINDOW
 
 
-@numba.njit(cache=True)
-def _is_candidate(row, info, prev_len):
-    """Cheap exclusions: a previous row whose first or last id differs from ``row``'s is not its parent."""
-    return info[ROW_FIRST] == row[0] and info[ROW_WIDTH - 1] == row[prev_len - 1]
+@numba.njit(inline="always")
+def _is_candidate(first, last, info):
+    """Cheap exclusions: a previous row whose first or last id differs from the row's (``first`` =
+    its id 0, ``last`` = its id prev_len - 1) is not its parent."""
+    return info[ROW_FIRST] == first and info[ROW_WIDTH - 1] == last
 
 
 @numba.njit(cache=True)
@@ -244,7 +262,7 @@ def _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, paren
     left padding): ``input_ids[i, :prev_len]`` equals some previous row, for every ``i``.
 
     Under P the parent found is exact — a row whose ids equal the true parent's — with O(prev_rows)
-    integer comparisons and reads of ``input_ids[i]`` at no more than prev_rows + 2 * WINDOW + 1
+    integer comparisons and reads of ``input_ids[i]`` at no more than 2 * prev_rows + 2 * WINDOW
     positions, whatever ``prev_len``: ``pairs[0, c, k]`` is the first position where previous rows
     ``c`` and ``k`` differ (-1: equal rows) and ``pairs[1, c, k]`` row ``c``'s id there, so one read
     of ``input_ids[i]`` at that position rules out ``c`` or ``k``. A tournament keeps the row not
@@ -259,11 +277,12 @@ def _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, paren
     batch = input_ids.shape[0]
     for i in range(batch):
         row = input_ids[i]
+        first, last = row[0], row[prev_len - 1]
         c = -1
-        if i < prev_rows and _is_candidate(row, rows[i], prev_len):
+        if i < prev_rows and _is_candidate(first, last, rows[i]):
             c = i
         for k in range(prev_rows):
-            if k == c or not _is_candidate(row, rows[k], prev_len):
+            if k == c or not _is_candidate(first, last, rows[k]):
                 continue
             if c < 0:
                 c = k
@@ -274,7 +293,7 @@ def _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, paren
         if c < 0:
             return False
         for k in range(prev_rows):
-            if k != c and _is_candidate(row, rows[k], prev_len):
+            if k != c and _is_candidate(first, last, rows[k]):
                 d = pairs[0, c, k]
                 if d >= 0 and row[d] != pairs[1, c, k]:
                     return False
@@ -364,15 +383,23 @@ def _continue_rows(blob, input_ids, tracker, rows, pairs, parents):
         if parents[i] != i:
             identity = False
     last = input_ids[:, length - 1].copy()
+    stopped = np.zeros(batch, np.bool_)  # previous rows with a component below zero
+    for q in range(batch):
+        for k in range(n_comp):
+            if tracker[1 + q, k] < 0:
+                stopped[q] = True
     new_states = np.empty((batch, n_comp), np.int32)
     for i in range(batch):
         p = parents[i]
         for k in range(n_comp):
-            s = tracker[1 + p, k]
-            for q in range(batch):
-                if q != p and pairs[0, p, q] < 0 and tracker[1 + q, k] < 0:
-                    s = VIOLATED
-            new_states[i, k] = next_state(blob, k, s, last[i])
+            new_states[i, k] = tracker[1 + p, k]
+        for q in range(batch):
+            if stopped[q] and q != p and pairs[0, p, q] < 0:  # q equals p id for id, and is stopped
+                for k in range(n_comp):
+                    if tracker[1 + q, k] < 0:
+                        new_states[i, k] = VIOLATED
+        for k in range(n_comp):
+            new_states[i, k] = next_state(blob, k, new_states[i, k], last[i])
     for i in range(batch):
         tracker[1 + i, :n_comp] = new_states[i]
     if identity:  # greedy and sampling: rows keep their place, update in place
