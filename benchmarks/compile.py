@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/compile.py --label before    # store the run under another label
     .venv/bin/python benchmarks/compile.py --only 1000+R     # one workload
     .venv/bin/python benchmarks/compile.py --render          # only re-render compile.md
+    .venv/bin/python benchmarks/compile.py --ab              # the rewritten stages against their
+                                                             # Python originals, interleaved
 
 Workloads (phrases are harness.make_phrases's seeded 1-3 word phrases, as in scale.py):
 
@@ -22,6 +24,11 @@ parsing, character classes, NFA, determinization, phrase automata, UTF-8 lowerin
 automaton, byte classes and packing. *States/s* is byte-DFA states per second of the character +
 byte stages (``stats["dfa_seconds"]``) and token states per second of the token stage.
 The *cached load* is a fresh ``compile_policy`` that finds the policy in a disk cache.
+
+``--ab`` times, in one process and alternating run by run (so that load from other processes hits
+both alike), each stage that moved to numba against its pure-Python original kept in tests/support
+as an oracle: the token automaton (``reference_token_automaton``) over every component of the
+policy, and the Aho–Corasick phrase DFA (``reference_automata.phrase_dfa``).
 
 Results go to benchmarks/results/compile.json (one entry per label; a run replaces its label's
 entry) and compile.md (every label side by side).
@@ -170,6 +177,59 @@ def bench_one(policy, vocab, repeat: int, timer: StageTimer, tmp_root: Path) -> 
     return out
 
 
+def bench_ab(phrases, smol_tok, repeat: int) -> list[dict]:
+    """Each rewritten stage against its Python original, interleaved; minimum seconds of each."""
+    import regex
+
+    import safedecode
+    from safedecode.automata.aho_corasick import phrase_dfa, plain_phrase
+    from safedecode.automata.syntax import parse
+    from safedecode.policy.automaton import _CharContext, compile_components
+    from safedecode.tokens import token_automaton
+    from safedecode.tokens.trie import build_trie
+    from tests.support import reference_automata, reference_token_automaton
+
+    out = []
+    tries = {}
+    for key, vname in WORKLOADS:
+        policy = policy_for(key, phrases)
+        if vname not in tries:
+            tries[vname] = build_trie(load_vocabulary(vname, smol_tok).token_bytes)
+        trie = tries[vname]
+        dfas = [dfa for dfa, _ in compile_components(policy)]
+        token_automaton.build_token_automaton(dfas[0], trie)  # numba load
+        new, old = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for dfa in dfas:
+                token_automaton.build_token_automaton(dfa, trie)
+            new.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for dfa in dfas:
+                reference_token_automaton.build_token_automaton(dfa, trie)
+            old.append(time.perf_counter() - t0)
+        out.append({"stage": "token automaton", "workload": key, "vocab": vname, "python_s": min(old),
+                    "numba_s": min(new), "token_states": None})
+        log(f"A/B token automaton {key} @ {vname}: python {min(old):.3f} s, numba {min(new):.3f} s")
+    n = int(WORKLOADS[2][0])
+    nodes = [parse(regex.escape(p)) for p in phrases[:n]]
+    context = _CharContext(nodes)
+    literal = [plain_phrase(node) for node in nodes]
+    phrase_dfa(literal, context.alphabet, context.word_classes)
+    new, old = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        phrase_dfa(literal, context.alphabet, context.word_classes)
+        new.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        reference_automata.phrase_dfa(literal, context.alphabet, context.word_classes)
+        old.append(time.perf_counter() - t0)
+    out.append({"stage": "phrase DFA (Aho-Corasick)", "workload": str(n), "vocab": "", "python_s": min(old),
+                "numba_s": min(new)})
+    log(f"A/B phrase DFA {n}: python {min(old):.3f} s, numba {min(new):.3f} s")
+    return out
+
+
 def render(results: dict) -> str:
     labels = list(results["runs"])
     L = ["# Cold compile time", "",
@@ -205,6 +265,15 @@ def render(results: dict) -> str:
             L.append(f"| {entry['workload']} | {VOCABS[entry['vocab']]} | "
                      + " | ".join(f"{s.get(k, 0.0):.3f}" for k in STAGE_ORDER) + " |")
         L.append("")
+    if results.get("ab"):
+        ab = results["ab"]
+        L += ["## A/B: each rewritten stage against its Python original", "",
+              f"{ab['when']}; {ab['commit']}. One process, the two alternating run by run; minimum of {ab['repeat']}.", "",
+              "| stage | workload | vocabulary | Python s | numba s | speed-up |", "|---|---|---|---|---|---|"]
+        for e in ab["rows"]:
+            L.append(f"| {e['stage']} | {e['workload']} | {VOCABS.get(e['vocab'], e['vocab'])} | {e['python_s']:.3f} | "
+                     f"{e['numba_s']:.3f} | {e['python_s'] / max(e['numba_s'], 1e-9):.1f}× |")
+        L.append("")
     return "\n".join(L) + "\n"
 
 
@@ -216,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", help="workload key(s), e.g. 1000+R or 10000@qwen2.5")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--render", action="store_true", help="only re-render compile.md from compile.json")
+    ap.add_argument("--ab", action="store_true", help="time the rewritten stages against their Python originals")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "compile.json"
@@ -239,6 +309,14 @@ def main(argv=None) -> int:
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
+    if args.ab:
+        rows = bench_ab(phrases, smol_tok, args.repeat)
+        results["ab"] = {"when": time.strftime("%Y-%m-%d %H:%M"), "commit": f"HEAD {commit}", "repeat": args.repeat,
+                         "rows": rows}
+        path.write_text(json.dumps(results, indent=1))
+        (args.out / "compile.md").write_text(render(results))
+        log(f"wrote {path} and compile.md")
+        return 0
     run = {"when": time.strftime("%Y-%m-%d %H:%M"), "commit": f"HEAD {commit}" if commit else "",
            "note": args.note, "repeat": args.repeat, "workloads": []}
     vocabs = {}
