@@ -208,6 +208,20 @@ def test_a_stopped_row_stays_stopped_whichever_equal_row_it_extends(setup):
     assert alive and all(i in guard.compiled.eos_ids for i in alive)
 
 
+def test_degenerate_shapes(setup):
+    """No ids at all, a single id, no rows: each is a prompt (new generation), nothing read out of
+    bounds (the kernels run without bounds checks); then generation continues normally."""
+    tok, guard, p, prompt = setup
+    guard.reset()
+    for ids in ([[], []], [[5], [5]], [[5, 7, 9], [5, 7, 9]]):  # never one more column: all prompts
+        scores = torch.zeros((len(ids), len(tok)))
+        guard(torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1), scores)
+        assert guard.prompt_length == len(ids[0]) and guard.states == [guard.compiled.start_state] * 2
+    guard(torch.zeros((0, 4), dtype=torch.long), torch.zeros((0, len(tok))))
+    run = Run(guard, [prompt[:3], prompt[:3]], len(tok))
+    run.extend([p["start"] + p["x"] * 10, p["begin"] + p["x"] * 10])
+
+
 @pytest.mark.model
 def test_real_beam_search_on_a_long_prompt(smollm2_model):
     """transformers' own beam search (3 beams, 2 prompts of ~600 ids, left padding; the simulated runs above use 3,000): each row's mask

@@ -314,7 +314,7 @@ def _start_rows(input_ids, rows, pairs):
     """
     batch, length = input_ids.shape
     for i in range(batch):
-        rows[i, ROW_FIRST] = input_ids[i, 0]
+        rows[i, ROW_FIRST] = input_ids[i, 0] if length > 0 else 0
         for j in range(WINDOW):
             pos = length - WINDOW + j
             v = input_ids[i, pos] if pos >= 0 else 0
