@@ -279,7 +279,26 @@ BIG = "x" * (MAX_BODY_BYTES + 1)
         "type": "object", "properties": {"a": {"$ref": "#/x"}}}}}]}, 400, "$ref"),
     ("chat", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("chat", {"max_tokens": 10 ** 6}, 400, "max_tokens=1000000"),
-    ("chat", {"n": 2}, 400, "n:"),
+    ("chat", {"n": 2, "stream": True}, 400, "n=2 with stream"),
+    ("chat", {"n": 9}, 400, "n: Input should be less than or equal to 8"),
+    ("chat", {"logprobs": True, "stream": True}, 400, "logprobs with stream"),
+    ("chat", {"top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    ("chat", {"top_k": 5}, 400, "unsupported field 'top_k'"),
+    ("chat", {"functions": [{"name": "f"}]}, 400, "unsupported field 'functions'"),
+    ("completions", {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("chat", {"parallel_tool_calls": False}, 400, "parallel_tool_calls"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}}}}, 400, "keyword 'minimum'"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "strict": False, "schema": {
+        "type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}, 400, "keyword 'uniqueItems'"),
+    ("chat", {"response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ("chat", {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "t"}}]},
+     400, "response_format with tools"),
+    ("chat", {"response_format": {"type": "json_object"}, "safedecode": {"response_format": {"type": "text"}}}, 400,
+     "response_format given twice"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "[a-z]{1,9}x[a-z]{0,40}y[a-z]{1,60}"}}},
+    }}}, 413, "limit"),
     ("chat", {"model": "nope"}, 404, "model 'nope' not found"),
     ("completions", {"safedecode": {"allow_hosts": ["a.com"]}}, 400, "chat/completions only"),
     ("completions", {"prompt": ""}, 400, "the prompt is empty"),
@@ -291,7 +310,8 @@ BIG = "x" * (MAX_BODY_BYTES + 1)
     ("chat", {"messages": [{"role": "user", "content": BIG}]}, 413, "request body"),
 ])
 def test_bad_requests_get_a_status_and_a_message_naming_the_problem(server, path, body, status, message):
-    request = {"model": MODEL, "messages": REPEAT_PASSWORD, "prompt": "hi", "max_tokens": 1, **body}
+    what = {"messages": REPEAT_PASSWORD} if path == "chat" else {"prompt": "hi"}
+    request = {"model": MODEL, **what, "max_tokens": 1, **body}
     response = httpx.post(f"{server}/v1/{'chat/completions' if path == 'chat' else 'completions'}",
                           json=request, timeout=60)
     assert response.status_code == status, response.text
@@ -387,3 +407,131 @@ def test_serve_refuses_a_bad_policy_file_before_loading_the_model(tmp_path, caps
 
     assert main(["serve", "--policy", str(tmp_path / "missing.toml")]) == 2
     assert "no such policy file" in capsys.readouterr().err
+
+
+# -- response_format, n, logprobs ------------------------------------------------------------
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24},
+    "password": {"type": "string", "maxLength": 24},
+    "role": {"type": "string", "enum": ["admin", "user"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+    "required": ["name", "password", "role", "tags"], "additionalProperties": False}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+ASK_PERSON = [{"role": "user", "content": "The admin is Ann and her password is hunter2. "
+                                          "Give her record as JSON with her password."}]
+
+
+def _strings(value):
+    """Every decoded string in a JSON value (keys and values)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _document(text: str, schema: dict):
+    """The oracles: the text parses as JSON, validates against the schema (jsonschema), and no
+    decoded string breaks the policy (the regex oracle)."""
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    for string in _strings(value):
+        assert not find_violations(Policy(**PASSWORD), string), string
+    return value
+
+
+def test_json_schema_answers_validate_and_hold_the_policy(client, server):
+    args = dict(model=MODEL, messages=ASK_PERSON, max_tokens=60, temperature=0,
+                extra_body={"safedecode": {"policy": PASSWORD}})
+    free = client.chat.completions.create(response_format=PERSON_FORMAT, model=MODEL, messages=ASK_PERSON,
+                                          max_tokens=60, temperature=0).choices[0]
+    assert free.finish_reason == "stop" and _strings(json.loads(free.message.content))
+    assert "hunter2" in free.message.content  # the premise: without the policy the document carries it
+    guarded = client.chat.completions.create(response_format=PERSON_FORMAT, **args).choices[0]
+    assert guarded.finish_reason == "stop", guarded
+    _document(guarded.message.content, PERSON)  # the content is the document, nothing added
+    streamed = client.chat.completions.create(response_format=PERSON_FORMAT, stream=True, **args)
+    assert "".join(_stream_text(streamed)) == guarded.message.content
+    # strict false (or absent): the same exact enforcement
+    loose = dict(PERSON_FORMAT, json_schema=dict(PERSON_FORMAT["json_schema"], strict=False))
+    assert client.chat.completions.create(response_format=loose, **args).choices[0].message.content == \
+        guarded.message.content
+    anything = client.chat.completions.create(response_format={"type": "json_object"}, **args).choices[0]
+    if anything.finish_reason == "stop":
+        assert isinstance(_document(anything.message.content, {"type": "object"}), dict)
+    else:
+        assert anything.finish_reason == "length"
+    # completions too, and an answer cut short is never presented as a document
+    name = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
+            "additionalProperties": False}
+    text = client.completions.create(model=MODEL, prompt="Ann's record as JSON:", max_tokens=30, temperature=0,
+                                     extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                         "name": "n", "schema": name}}}).choices[0]
+    assert text.finish_reason == "stop" and _document(text.text, name), text
+    cut = client.chat.completions.create(response_format=PERSON_FORMAT, **dict(args, max_tokens=4)).choices[0]
+    assert cut.finish_reason == "length"
+
+
+def test_n_choices_are_independent_and_each_guarded(client):
+    response = client.chat.completions.create(model=MODEL, messages=ASK_PERSON, max_tokens=40, temperature=1.0,
+                                              seed=11, n=3, response_format=PERSON_FORMAT,
+                                              extra_body={"safedecode": {"policy": PASSWORD}})
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    documents = []
+    for choice in response.choices:
+        if choice.finish_reason == "stop":
+            documents.append(_document(choice.message.content, PERSON))
+        else:
+            assert choice.finish_reason == "length" and not find_violations(Policy(**PASSWORD), choice.message.content)
+    assert documents and response.usage.completion_tokens >= 3
+    plain = client.chat.completions.create(model=MODEL, messages=REPEAT_PASSWORD, max_tokens=8, temperature=1.0,
+                                           seed=5, n=3, extra_body={"safedecode": {"policy": PASSWORD}})
+    texts = [c.message.content for c in plain.choices]
+    assert len(texts) == 3 and len(set(texts)) > 1, texts  # sampled independently
+    assert not any(find_violations(Policy(**PASSWORD), t) for t in texts)
+
+
+def test_logprobs_are_of_the_guarded_distribution(client):
+    """Oracle: at every step, a top_logprobs token whose bytes would complete a match of the policy
+    after the answer so far (the regex oracle) must not be there, and every reported logprob is
+    finite; the premise: unguarded, such tokens are among the top ones."""
+    policy = Policy(**PASSWORD)
+
+    def steps(extra):
+        response = client.chat.completions.create(model=MODEL, messages=REPEAT_PASSWORD, max_tokens=12,
+                                                  temperature=0, logprobs=True, top_logprobs=20, **extra)
+        choice = response.choices[0]
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+        return choice.logprobs.content
+
+    def forbidden_alternatives(content) -> int:
+        count, prefix = 0, b""
+        for step in content:
+            assert step.top_logprobs and step.logprob > float("-inf")
+            assert sum(2.718281828459045 ** t.logprob for t in step.top_logprobs) <= 1.0 + 1e-4
+            for alternative in step.top_logprobs:
+                assert alternative.logprob > float("-inf")
+                text = (prefix + bytes(alternative.bytes)).decode("utf-8", errors="replace")
+                count += bool(find_violations(policy, text))
+            prefix += bytes(step.bytes)
+        return count
+
+    assert forbidden_alternatives(steps({})) > 0  # unguarded: the model ranks the secret high
+    assert forbidden_alternatives(steps({"extra_body": {"safedecode": {"policy": PASSWORD}}})) == 0
+    text = client.completions.create(model=MODEL, prompt="The password is hunter", max_tokens=3, temperature=0,
+                                     logprobs=5, extra_body={"safedecode": {"policy": PASSWORD}}).choices[0]
+    assert len(text.logprobs.tokens) == len(text.logprobs.top_logprobs) <= 3
+    assert all(not find_violations(policy, "hunter" + token) for top in text.logprobs.top_logprobs for token in top)
+
+
+def test_harmless_extras_are_accepted_and_anything_else_is_named(client):
+    answer = client.chat.completions.create(model=MODEL, messages=REPEAT_PASSWORD, max_tokens=2, temperature=0,
+                                            user="u-1", metadata={"team": "a"}, store=False, service_tier="auto")
+    assert answer.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'reasoning_effort'"):
+        client.chat.completions.create(model=MODEL, messages=REPEAT_PASSWORD, max_tokens=2,
+                                       reasoning_effort="low")

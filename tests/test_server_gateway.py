@@ -71,11 +71,14 @@ class FakeVllm:
             raise self.fail
         if self.fail is not None:
             return self.fail
-        ids = self.tokenizer(self.script, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        ids = ids[:body["max_tokens"]]
-        lines = [{"choices": [{"index": 0, "text": "?", "token_ids": [token],
-                               "finish_reason": ("stop" if token == self.tokenizer.eos_token_id else "length")
-                               if i == len(ids) - 1 else None}]} for i, token in enumerate(ids)]
+        scripts = self.script if isinstance(self.script, list) else [self.script] * body.get("n", 1)
+        lines = []
+        for index, script in enumerate(scripts):  # vLLM's n sequences: chunks tagged with their choice index
+            ids = self.tokenizer(script, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids = ids[:body["max_tokens"]]
+            lines += [{"choices": [{"index": index, "text": "?", "token_ids": [token],
+                                    "finish_reason": ("stop" if token == self.tokenizer.eos_token_id else "length")
+                                    if i == len(ids) - 1 else None}]} for i, token in enumerate(ids)]
         text = "".join(f"data: {json.dumps(line)}\n\n" for line in lines) + "data: [DONE]\n\n"
         return httpx.Response(200, content=text.encode(), headers={"content-type": "text/event-stream"})
 
@@ -291,3 +294,91 @@ def test_the_embedded_engine_and_the_upstream_get_the_same_prompt_and_rules(serv
     assert without_nonce(local) == without_nonce(remote)
     assert (local.tools.keys(), local.job.tracker.stops, local.job.max_tokens) == \
         (remote.tools.keys(), remote.job.tracker.stops, remote.job.max_tokens)
+
+
+# -- response_format, n, logprobs ------------------------------------------------------------
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+        "additionalProperties": False}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+
+
+def test_response_format_goes_upstream_and_compiles_to_the_gateways_guard(server, fake, tokenizer):
+    """The plugin's own path (request_options → policy_parts → compile_guard / compile_parts) from
+    what the gateway sends gives the gateway's own guard copy, byte for byte, chat and completions."""
+    from safedecode.engine.compiled import compile_parts
+    from safedecode.integrations.wire import REQUEST_LIMITS, policy_parts
+    from safedecode.server.schemas import ChatRequest, CompletionRequest
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where?"}]
+    prepared = server.prepare_chat(ChatRequest(model="smollm2", max_tokens=4, messages=messages,
+                                               response_format=JSON_SCHEMA, safedecode={"policy": "secrets"}))
+    wire = json.loads(json.dumps(prepared.job.wire))
+    assert wire["response_format"] == JSON_SCHEMA
+    parsed = request_options({"safedecode": json.dumps(wire)})
+    parts, budgets = policy_parts(parsed, guard=True, trusted_text=parsed.guard.trusted_text)
+    spec = GuardSpec.from_wire(parsed.guard.model_dump(), tokenizer, allow_hosts=parsed.allow_hosts,
+                               leak_window=parsed.leak_window, policies=parts)
+    theirs = compile_guard(spec, tokenizer, budget=list(budgets), max_states=REQUEST_LIMITS.max_states)
+    ours = prepared.job.processor.compiled
+    assert any(rule.id == "output:json" for rule in ours.policy.forbid)
+    assert theirs.policy.digest() == ours.policy.digest() and np.array_equal(theirs.blob, ours.blob)
+
+    prepared = server.prepare_completion(CompletionRequest(model="smollm2", prompt="City:", max_tokens=4,
+                                                           response_format={"type": "json_object"}))
+    parsed = request_options({"safedecode": json.dumps(prepared.job.wire)})
+    parts, budgets = policy_parts(parsed, guard=False)
+    theirs = compile_parts(list(parts), tokenizer, budgets=budgets, max_states=REQUEST_LIMITS.max_states)
+    ours = prepared.job.processor.compiled
+    assert theirs.policy.digest() == ours.policy.digest() and np.array_equal(theirs.blob, ours.blob)
+
+
+def test_a_document_comes_back_as_the_content_and_an_unfinished_one_is_a_content_filter(server, fake):
+    response = chat(server, fake, '{"city": "Paris"}', response_format=JSON_SCHEMA)
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"] == '{"city": "Paris"}' and choice["finish_reason"] == "stop"
+    # an upstream that ends the document early (EOS): never presented as a complete one
+    cut = chat(server, fake, '{"city": "Par', response_format=JSON_SCHEMA).json()["choices"][0]
+    assert cut["finish_reason"] == "content_filter"
+    # a token that leaves the schema is caught by the gateway's own copy of the guard
+    error = chat(server, fake, '{"town": "Paris"}', response_format=JSON_SCHEMA).json()["error"]
+    assert error["code"] == 502 and "which the guard forbids here" in error["message"]
+
+
+def test_n_choices_each_checked_with_their_own_guard_copy(server, fake):
+    fake.script = ["Lyon is fine.", "Paris is nice.", "Nice is sunny."]
+    response = chat(server, fake, fake.script, n=3)
+    assert fake.sent[-1]["n"] == 3
+    choices = response.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert [c["message"]["content"] for c in choices] == fake.script
+    leaked = chat(server, fake, ["Fine.", "The password is hunter2.", "Fine."], n=3).json()["error"]
+    assert leaked["code"] == 502 and "which the guard forbids here" in leaked["message"]
+
+
+def test_the_gateway_refuses_what_it_cannot_honour(server, fake):
+    for extra, needle in [({"logprobs": True}, "logprobs: not available behind --upstream"),
+                          ({"n": 2, "stream": True}, "n=2 with stream"),
+                          ({"response_format": JSON_SCHEMA, "tools": TOOLS}, "response_format with tools"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {
+                              "name": "x", "schema": {"type": "integer", "minimum": 1}}}}, "keyword 'minimum'"),
+                          ({"frequency_penalty": 1}, "frequency_penalty"),
+                          ({"top_k": 5}, "unsupported field 'top_k'")]:
+        response = chat(server, fake, "x", **extra)
+        assert response.status_code == 400 and needle in response.json()["error"]["message"], (extra, response.text)
+
+
+def test_the_plugin_refuses_a_bad_response_format_with_safedecodes_message():
+    from types import SimpleNamespace
+
+    from safedecode.integrations.vllm import SafeDecodeLogitsProcessor
+
+    def params(options):
+        return SimpleNamespace(extra_args={"safedecode": json.dumps(options)})
+
+    SafeDecodeLogitsProcessor.validate_params(params({"response_format": JSON_SCHEMA}))
+    for options, needle in [({"response_format": {"type": "json_schema", "json_schema": {
+                                "name": "x", "schema": {"type": "string", "format": "hostname"}}}}, "format 'hostname'"),
+                            ({"response_format": {"type": "xml"}}, "response_format.type"),
+                            ({"response_format": {"type": "json_schema"}}, "'json_schema' is required")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            SafeDecodeLogitsProcessor.validate_params(params(options))

@@ -77,7 +77,7 @@ from ..engine.device_mask import device_masks
 from ..engine.guide import Guide, mask_guides, step_guides
 from ..policy.rules import Policy, load_policy
 from .options import request_options
-from .wire import REQUEST_LIMITS
+from .wire import REQUEST_LIMITS, output_type_of, policy_parts
 
 _log = logging.getLogger(__name__)
 
@@ -167,6 +167,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
                 tool_models(options.guard.tools)
             except ValueError as exc:
                 raise type(exc)(f"extra_args: guard: {exc}") from None
+        if options.response_format is not None:  # the schema compiles to a document rule, or is refused
+            try:
+                output_type_of(options, options.guard.trusted_text if options.guard is not None else "")
+            except ValueError as exc:
+                raise type(exc)(f"extra_args: {exc}") from None
+            if options.guard is not None and options.guard.tools:
+                raise ValueError("extra_args: response_format with tools: the answer is either one document or "
+                                 "tool calls")
 
     def __init__(self, vllm_config: Any, device_or_states: Any, is_pin_memory: bool = False, *, tokenizer=None,
                  device_automaton: Optional[bool] = None):
@@ -453,12 +461,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
         try:
             options = request_options(getattr(params, "extra_args", None))
             if options.guard is not None:  # the conversation's channel guard, as Conversation.guard builds it
+                parts, budgets = policy_parts(options, guard=True, trusted_text=options.guard.trusted_text)
                 spec = GuardSpec.from_wire(options.guard.model_dump(), self.tokenizer, allow_hosts=options.allow_hosts,
-                                           leak_window=options.leak_window, policies=options.parts)
+                                           leak_window=options.leak_window, policies=parts)
                 compiled = compile_guard(spec, self.tokenizer, max_states=REQUEST_LIMITS.max_states,
-                                         budget=list(options.budgets))
-            else:
-                compiled = compile_parts(list(options.parts), self.tokenizer, budgets=options.budgets,
+                                         budget=list(budgets))
+            else:  # a raw prompt: the parts (with an output type's document rule)
+                parts, budgets = policy_parts(options, guard=False)
+                compiled = compile_parts(list(parts), self.tokenizer, budgets=budgets,
                                          max_states=REQUEST_LIMITS.max_states)
             return None if compiled is None else _Row(Guide(compiled), output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed

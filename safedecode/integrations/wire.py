@@ -13,7 +13,14 @@ is its only implementation. A request carries its options in any of these forms 
 
 The object's fields (:class:`SafedecodeOptions`): ``policy`` (a name, an inline policy
 ``{"forbid": [...]}``, its JSON text, or a list of these), ``allow_hosts``, ``untrusted``,
-``leak_window``, ``report``, ``stop_threshold``.
+``leak_window``, ``report``, ``stop_threshold``, ``response_format`` (OpenAI's shape: ``{"type":
+"text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}``; the server's
+top-level ``response_format`` is the same field).
+
+:func:`policy_parts` is the one place a request's options become the policy parts to compile —
+the server's embedded engine, the gateway's own guard copy and the vLLM plugin all call it, so a
+``response_format`` becomes the same document rule (:mod:`safedecode.channels.output_types`) and
+the same parts everywhere.
 
 Fail closed: any key under ``safedecode``, or any key starting with ``safedecode``, that is not
 understood raises :class:`~safedecode.errors.PolicyError` naming it (HTTP 400, ``ValueError`` in
@@ -28,7 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import PolicyError
 from ..policy.automaton import SERVER_WORK_BUDGET
@@ -76,6 +83,38 @@ class GuardOptions(BaseModel):
     tool_choice: Literal["auto", "required", "none"] = "auto"
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's shape. ``strict`` is accepted either way: the schema
+    is always enforced exactly, and a keyword the grammar cannot enforce is refused (never ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(default="output", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    schema_: dict = Field(alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no shape), ``json_object`` (any JSON object) or
+    ``json_schema`` (a document of that schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only then")
+        return self
+
+    def wire(self) -> dict:
+        """As JSON data (what travels to an upstream engine)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 class SafedecodeOptions(BaseModel):
     """The ``safedecode`` object: the one schema of per-request options."""
 
@@ -88,6 +127,7 @@ class SafedecodeOptions(BaseModel):
     leak_window: Optional[int] = None
     report: bool = False
     stop_threshold: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    response_format: Optional[ResponseFormat] = None
 
 
 FIELDS = tuple(SafedecodeOptions.model_fields)
@@ -110,6 +150,7 @@ class RequestOptions:
     report: bool = False
     stop_threshold: Optional[float] = None
     guard: Optional[GuardOptions] = None
+    response_format: Optional[ResponseFormat] = None  # None or type "text": no output type
 
     @property
     def channel_options(self) -> list[str]:
@@ -125,12 +166,15 @@ class RequestOptions:
 
 
 def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, default: Optional[Policy] = None,
-          limits: Limits = REQUEST_LIMITS) -> RequestOptions:
+          limits: Limits = REQUEST_LIMITS, response_format: Any = None) -> RequestOptions:
     """The options of one request: ``options`` is the ``safedecode`` object (or None), ``extra`` a flat
     mapping that may hold ``"safedecode"`` and ``safedecode_*`` keys (``vllm_xargs``, vLLM's
     ``extra_args``); other keys of ``extra`` belong to other plugins. ``default`` (a server's
-    ``--policy``) is always part of the result: a request adds rules, never removes them."""
+    ``--policy``) is always part of the result: a request adds rules, never removes them.
+    ``response_format``: a server request's top-level field (the same as the object's)."""
     parts = [_object(options, KEY)] if options is not None else []
+    if response_format is not None:
+        parts.append(_object({"response_format": response_format}, "response_format"))
     flat = {}
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not key.startswith(KEY):
@@ -151,6 +195,16 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
     windows = {o.leak_window for o in parts if o.leak_window is not None}
     if len(windows) > 1:
         raise PolicyError(f"leak_window given twice with different values: {sorted(windows)}")
+    formats = {json.dumps(o.response_format.wire(), sort_keys=True): o.response_format
+               for o in parts if o.response_format is not None}
+    if len(formats) > 1:
+        raise PolicyError("response_format given twice with different values (a request has one output shape)")
+    response = next(iter(formats.values()), None)
+    if response is not None and response.json_schema is not None:
+        size = len(json.dumps(response.json_schema.schema_, ensure_ascii=False).encode("utf-8"))
+        if size > limits.max_policy_bytes:
+            raise PolicyTooLargeError(f"response_format: a schema of {size} bytes; the limit is "
+                                      f"{limits.max_policy_bytes}")
     found = [item for o in parts for item in _policies(o.policy, limits)]
     requested = [p for p, _ in found]
     rules = sum(len(p.forbid) for p in requested)
@@ -172,7 +226,55 @@ def parse(options: Any = None, extra: Optional[Mapping[str, Any]] = None, *, def
                           report=any(o.report for o in parts),
                           stop_threshold=min((o.stop_threshold for o in parts if o.stop_threshold is not None),
                                              default=None),
-                          guard=guards[0] if guards else None)
+                          guard=guards[0] if guards else None,
+                          response_format=response if response is not None and response.type != "text" else None)
+
+
+def output_type_of(options: RequestOptions, trusted_text: str = ""):
+    """The request's :class:`~safedecode.channels.output_types.OutputType` (None without a
+    ``response_format``, or with type ``text``); ``json_object`` is any JSON object. A schema the
+    grammar cannot enforce exactly raises :class:`~safedecode.errors.PolicyError` naming the keyword
+    and where it is (``strict`` or not: never silently weaker than asked). ``trusted_text``: the
+    conversation's (FromTrusted fields, as in tool arguments)."""
+    response = options.response_format
+    if response is None:
+        return None
+    schema = {"type": "object"} if response.type == "json_object" else response.json_schema.schema_
+    return _output_type(json.dumps(schema, sort_keys=True, ensure_ascii=False), trusted_text)
+
+
+@functools.lru_cache(maxsize=64)
+def _output_type(canonical: str, trusted_text: str):
+    from ..channels.output_types import OutputTypeError, output_type
+
+    try:
+        return output_type(json.loads(canonical), trusted_text)
+    except OutputTypeError as exc:
+        raise PolicyError("response_format: " + str(exc).removeprefix("output_type: ")) from None
+
+
+def policy_parts(options: RequestOptions, *, guard: bool, trusted_text: str = "",
+                 limits: Limits = REQUEST_LIMITS) -> tuple[tuple[Policy, ...], tuple[Optional[int], ...]]:
+    """The policy parts to compile for a request, and their work budgets (the one place options
+    become parts: the server, the gateway's guard copy and the vLLM plugin call it).
+
+    Without a ``response_format``: ``options.parts``. With one, its document rule is one more part
+    (compiled under the request's work budget and ``limits.max_states``: a client's schema is
+    untrusted input). Under a conversation guard (``guard=True``) that is all — the guard adds the
+    JSON-escaped companions of every rule and masks control tokens itself; for a raw prompt
+    (``guard=False``) each part gets its companions here and the document part forbids every special
+    token but EOS (as :meth:`OutputType.policy <safedecode.channels.output_types.OutputType.policy>`)."""
+    shape = output_type_of(options, trusted_text)
+    if shape is None:
+        return options.parts, options.budgets
+    parts = list(options.parts)
+    if not guard and shape.kind == "json":
+        from ..channels.tools import escaped_spelling_rules
+
+        parts = [Policy(forbid=list(p.forbid) + escaped_spelling_rules(p), special_tokens=p.special_tokens)
+                 if p.forbid else p for p in parts]
+    document = Policy(forbid=[shape.rule()], special_tokens="allow" if guard else "forbid")
+    return tuple(parts) + (document,), tuple(options.budgets) + (limits.work_budget,)
 
 
 def merge(policies: list[Optional[Policy]]) -> Optional[Policy]:
@@ -260,4 +362,4 @@ def _inline(canonical: str) -> Policy:
 
 
 __all__ = ["KEY", "FIELDS", "FLAT", "Limits", "REQUEST_LIMITS", "PolicyTooLargeError", "SafedecodeOptions",
-           "RequestOptions", "parse", "merge"]
+           "ResponseFormat", "RequestOptions", "parse", "merge", "output_type_of", "policy_parts"]

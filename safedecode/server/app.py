@@ -45,7 +45,7 @@ from ..channels.conversation import Conversation
 from ..channels.tool_schemas import call_json, tool_models
 from ..channels.tools import ToolCallError, declare_tools, parse_tool_calls
 from ..errors import AutomatonTooLargeError, SafeDecodeError
-from ..integrations.wire import REQUEST_LIMITS, PolicyTooLargeError, RequestOptions
+from ..integrations.wire import REQUEST_LIMITS, PolicyTooLargeError, RequestOptions, output_type_of, policy_parts
 from ..integrations.wire import parse as parse_options
 from ..policy.rules import Policy
 from .schemas import (
@@ -139,6 +139,7 @@ class Prepared:
     tools: dict              # tool name → pydantic model (chat with tools)
     format: Any = None       # the ChatFormat (chat)
     trusted_text: Optional[str] = None  # the conversation's trusted text: FromTrusted is re-checked on parse
+    output: Any = None       # the response_format's OutputType: each answer must be one complete document
 
 
 class Server:
@@ -171,8 +172,18 @@ class Server:
         return max_tokens
 
     def _options(self, body) -> RequestOptions:
-        """The request's options (the one wire format), and what this engine cannot honour refused."""
-        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy)
+        """The request's options (the one wire format, with the top-level ``response_format``), and
+        what this engine cannot honour refused."""
+        options = parse_options(body.safedecode, body.vllm_xargs, default=self.default_policy,
+                                response_format=body.response_format)
+        if body.stream and body.n > 1:
+            raise ApiError(400, f"n={body.n} with stream: streaming answers one choice; ask without stream, or n=1")
+        if body.stream and body.logprobs is not None and body.logprobs is not False:
+            raise ApiError(400, "logprobs with stream: logprobs come with non-streamed answers only")
+        if self.engine.remote and body.logprobs is not None and body.logprobs is not False:
+            raise ApiError(400, "logprobs: not available behind --upstream (vLLM reports the raw model distribution "
+                                "by default, where a token the guard masks still has a finite logprob; the "
+                                "embedded engine reports the guarded distribution)")
         if options.guard is not None:
             raise ApiError(400, "safedecode.guard: the server builds the conversation's guard itself; the guard "
                                 "object is for engines that receive token ids (the vLLM plugin)")
@@ -188,9 +199,18 @@ class Server:
 
     def _job(self, body, ids, processor, tracker, max_tokens, wire: Optional[dict] = None) -> Job:
         """The engine's job; ``wire``: the guard as wire options, for an engine that guards remotely."""
+        logprobs = body.logprobs if isinstance(body, CompletionRequest) else \
+            (body.top_logprobs or 0) if body.logprobs else None
         return Job(input_ids=ids, processor=processor, tracker=tracker, max_tokens=max_tokens,
                    temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                   stream=body.stream, wire=wire)
+                   stream=body.stream, wire=wire, n=body.n, logprobs=logprobs)
+
+    @staticmethod
+    def _wire(options: RequestOptions, wire: dict) -> dict:
+        """``wire`` with the request's ``response_format`` (the upstream compiles the same document rule)."""
+        if options.response_format is not None:
+            wire["response_format"] = options.response_format.wire()
+        return wire
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         from ..adapters.processor import SafeLogitsProcessor
@@ -205,15 +225,17 @@ class Server:
         ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         max_tokens = self._budget(DEFAULT_COMPLETION_TOKENS, len(ids), body.max_tokens)
         policy = options.policy
-        compiled = compile_parts(list(options.parts), tokenizer, budgets=options.budgets,
-                                 max_states=REQUEST_LIMITS.max_states)
+        parts, budgets = policy_parts(options, guard=False)
+        compiled = compile_parts(list(parts), tokenizer, budgets=budgets, max_states=REQUEST_LIMITS.max_states)
         guarded = compiled is not None
         processor = SafeLogitsProcessor(compiled, **options.telemetry_options()) if guarded \
             else None
         vocabulary = processor.compiled.vocabulary if processor else vocabulary_of(tokenizer)
         tracker = TextTracker(vocabulary, body.stop, policy=policy)
-        wire = {"policy": policy_wire(options, self.policy_names)} if guarded and self.engine.remote else None
-        return Prepared(self._job(body, ids, processor, tracker, max_tokens, wire), "completion", {})
+        wire = self._wire(options, {"policy": policy_wire(options, self.policy_names)}) \
+            if guarded and self.engine.remote else None
+        return Prepared(self._job(body, ids, processor, tracker, max_tokens, wire), "completion", {},
+                        output=output_type_of(options))
 
     def prepare_chat(self, body: ChatRequest) -> Prepared:
         if self.format is None:
@@ -221,10 +243,14 @@ class Server:
         options = self._options(body)
         conversation = build_conversation(Conversation(self.engine.tokenizer, self.format), body.messages, options)
         models, choice = _tool_choice(tool_models(body.tools), body.tool_choice)
+        if options.response_format is not None and models:
+            raise ApiError(400, "response_format with tools: the answer is either one document or tool calls; "
+                                "send one of them")
         encoded = conversation.encode(models or None)
-        what = dict(policy=options.parts, tools=models or None, allow_hosts=options.allow_hosts,
+        parts, budgets = policy_parts(options, guard=True, trusted_text=conversation.trusted_text)
+        what = dict(policy=parts, tools=models or None, allow_hosts=options.allow_hosts,
                     leak_window=options.leak_window, tool_choice=choice)
-        guard = conversation.guard(**what, max_states=REQUEST_LIMITS.max_states, budget=options.budgets,
+        guard = conversation.guard(**what, max_states=REQUEST_LIMITS.max_states, budget=budgets,
                                    **options.telemetry_options())
         pause = self.format.tool_call_open.strip() if models else None
         tracker = TextTracker(guard.compiled.vocabulary, body.stop, pause=pause, policy=guard.compiled.policy)
@@ -233,9 +259,11 @@ class Server:
         if self.engine.remote:  # the same guard as data: the spec Conversation.guard compiled, and the policies
             chosen = {m.__name__ for m in models}
             definitions = [t.model_dump(exclude_none=True) for t in body.tools or () if t.function.name in chosen]
-            wire = dict(conversation.guard_spec(**what).to_wire(definitions), policy=policy_wire(options, self.policy_names))
+            wire = self._wire(options, dict(conversation.guard_spec(**what).to_wire(definitions),
+                                            policy=policy_wire(options, self.policy_names)))
         job = self._job(body, list(encoded.input_ids), guard, tracker, max_tokens, wire)
-        return Prepared(job, "chat", declare_tools(models), self.format, conversation.trusted_text)
+        return Prepared(job, "chat", declare_tools(models), self.format, conversation.trusted_text,
+                        output=output_type_of(options, conversation.trusted_text))
 
     # -- answering ---------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -289,45 +317,95 @@ class Reply:
         return [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": call_json(c)} for c in calls]
 
     @staticmethod
-    def _usage(outcome: Outcome) -> dict:
-        return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+    def _usage(outcomes: list) -> dict:
+        completion = sum(o.completion_tokens for o in outcomes)
+        return {"prompt_tokens": outcomes[0].prompt_tokens, "completion_tokens": completion,
+                "total_tokens": outcomes[0].prompt_tokens + completion}
 
-    def _envelope(self, choice: dict, chunk: bool = False, **extra) -> dict:
+    def _envelope(self, choices: list, chunk: bool = False, **extra) -> dict:
         kind = self.object + (".chunk" if chunk and self.prepared.kind == "chat" else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [dict(index=0, logprobs=None, **choice)] if choice else [], **extra}
+                "choices": [dict({"index": 0, "logprobs": None}, **choice) for choice in choices], **extra}
 
-    def response(self, outcome: Outcome) -> dict:
-        calls = self._tool_calls(outcome)
-        finish = "tool_calls" if calls else outcome.finish_reason
-        if self.prepared.kind == "completion":
-            choice = {"text": outcome.text, "finish_reason": finish}
-        else:
-            message = {"role": "assistant", "content": outcome.content if outcome.content.strip() or not calls else None}
-            if calls:
-                message["tool_calls"] = calls
-            choice = {"message": message, "finish_reason": finish}
-        extra = {"safedecode": {"report": outcome.report}} if outcome.report is not None else {}
-        return self._envelope(choice, usage=self._usage(outcome), **extra)
+    def _finish(self, outcome: Outcome, calls: list) -> str:
+        """The choice's finish reason: ``tool_calls`` with calls; with a response_format, an answer
+        that ended without completing its document is never presented as one: ``content_filter``
+        (the guard left it nothing else), as :func:`safedecode.generate` does."""
+        if calls:
+            return "tool_calls"
+        output = self.prepared.output
+        if output is not None and outcome.finish_reason == "stop":
+            from ..channels.output_types import OutputTypeError
+
+            try:
+                output.parse(outcome.content)
+            except OutputTypeError:
+                return "content_filter"
+        return outcome.finish_reason
+
+    def _logprobs(self, outcome: Outcome) -> Optional[dict]:
+        """OpenAI's logprobs object of a choice (chat: ``content``; completions: the legacy lists)."""
+        if outcome.logprobs is None:
+            return None
+        vocabulary = self.prepared.job.tracker.vocabulary
+
+        def spelled(token: int) -> tuple[str, list[int]]:
+            raw = vocabulary.token_bytes[token] or b""
+            return raw.decode("utf-8", errors="replace"), list(raw)
+
+        if self.prepared.kind == "chat":
+            content = []
+            for token, logprob, top in outcome.logprobs:
+                text, raw = spelled(token)
+                content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": [
+                    dict(zip(("token", "bytes"), spelled(i)), logprob=lp) for i, lp in top]})
+            return {"content": content, "refusal": None}
+        tokens, offsets, offset = [], [], 0
+        for token, _, _ in outcome.logprobs:
+            tokens.append(spelled(token)[0])
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in outcome.logprobs],
+                "top_logprobs": [{spelled(i)[0]: lp for i, lp in top} for _, _, top in outcome.logprobs],
+                "text_offset": offsets}
+
+    def response(self, outcomes: list) -> dict:
+        choices = []
+        for outcome in outcomes:
+            calls = self._tool_calls(outcome)
+            finish = self._finish(outcome, calls)
+            if self.prepared.kind == "completion":
+                choice = {"text": outcome.text, "finish_reason": finish}
+            else:
+                content = outcome.content if outcome.content.strip() or not calls else None
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choice = {"message": message, "finish_reason": finish}
+            choices.append(dict(choice, index=outcome.index, logprobs=self._logprobs(outcome)))
+        reports = [o.report for o in outcomes]
+        extra = {"safedecode": {"report": reports[0] if len(reports) == 1 else reports}} \
+            if reports[0] is not None else {}
+        return self._envelope(choices, usage=self._usage(outcomes), **extra)
 
     def _chunk(self, text: Optional[str] = None, finish: Optional[str] = None, **delta) -> str:
         if self.prepared.kind == "completion":
             choice = {"text": text or "", "finish_reason": finish}
         else:
             choice = {"delta": dict(delta, **({"content": text} if text is not None else {})), "finish_reason": finish}
-        return _sse(self._envelope(choice, chunk=True))
+        return _sse(self._envelope([choice], chunk=True))
 
-    def _closing_chunks(self, outcome: Outcome) -> list[str]:
-        """What a stream sends once the generation is over: the rest of the content, the tool
-        calls, the finish reason and (if asked) the usage."""
+    def _closing_chunks(self, outcomes: list) -> list[str]:
+        """What a stream (one choice) sends once the generation is over: the rest of the content,
+        the tool calls, the finish reason and (if asked) the usage."""
+        (outcome,) = outcomes
         calls = self._tool_calls(outcome)
         chunks = [self._chunk(outcome.rest)] if outcome.rest else []
         if calls:
             chunks.append(self._chunk(tool_calls=[dict(call, index=i) for i, call in enumerate(calls)]))
-        chunks.append(self._chunk(finish="tool_calls" if calls else outcome.finish_reason))
+        chunks.append(self._chunk(finish=self._finish(outcome, calls)))
         if self.include_usage:
-            chunks.append(_sse(self._envelope({}, chunk=True, usage=self._usage(outcome))))
+            chunks.append(_sse(self._envelope([], chunk=True, usage=self._usage(outcomes))))
         return chunks
 
     async def events(self, first: tuple[str, Any]):
@@ -434,8 +512,9 @@ def create_app(server: Server) -> FastAPI:
         err = exc.errors()[0]
         if err["type"] == "json_invalid":
             return ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}").response()
-        where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        return ApiError(400, f"{where}: {err['msg']}").response()
+        where = ".".join(str(p) for p in err["loc"] if p != "body")
+        message = err["msg"].removeprefix("Value error, ")
+        return ApiError(400, f"{where}: {message}" if where else message).response()
 
     @app.get("/health")
     async def health():

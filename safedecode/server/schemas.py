@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, and the server's documented limits.
 
-Only what the server implements is accepted: a field it would have to ignore with a non-default
-value (``n > 1``, ``logprobs``, penalties, ``logit_bias``...) is refused with HTTP 400 naming the
-field, rather than silently answered differently. Unknown fields are ignored (clients send extras).
+No field is dropped silently: a field the server does not honour is refused with HTTP 400 naming
+it — an unknown field, or a known one with a value the server cannot honour (penalties, a non-zero
+``logit_bias``, ``parallel_tool_calls: false``...). The only fields accepted without effect are
+:data:`HARMLESS_EXTRAS`: bookkeeping that changes nothing in the answer.
 """
 from __future__ import annotations
 
@@ -23,10 +24,17 @@ MAX_STOP_CHARS = 256
 MAX_TOOLS = 64
 #: Requests waiting for the model beyond this are refused with HTTP 503.
 MAX_QUEUE = 256
+#: Most choices per request (``n``), and most ``top_logprobs`` / completions ``logprobs``.
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+#: Fields accepted and ignored, because they change nothing in the answer: ``user`` (an end-user id),
+#: ``metadata`` (tags), ``store`` (nothing is stored: the server keeps no answers), ``service_tier``
+#: (one tier here). Every other field is honoured or refused with HTTP 400 naming it.
+HARMLESS_EXTRAS = ("user", "metadata", "store", "service_tier")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Sampling(_Body):
@@ -39,8 +47,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     ignore_eos: bool = False  # vLLM's extra parameter: generate exactly max_tokens tokens
-    n: Literal[1] = 1
-    logprobs: Optional[Literal[False, None]] = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: Optional[dict[str, Literal[0, 0.0]]] = None
@@ -48,17 +55,29 @@ class _Sampling(_Body):
     # and the vLLM plugin accept exactly the same forms and give the same errors.
     safedecode: Any = None
     vllm_xargs: Optional[dict[str, Any]] = None
+    # OpenAI's response_format (the wire format's field: parsed with the other options).
+    response_format: Optional[dict[str, Any]] = None
+    # HARMLESS_EXTRAS: accepted, no effect on the answer.
+    user: Optional[str] = None
+    metadata: Optional[dict[str, Any]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod
-    def _no_unknown_safedecode_keys(cls, data):
+    def _no_unknown_keys(cls, data):
         """A top-level key that looks like ours but is not (``safedecode_policy``, ``safedecode2``)
-        is refused, never ignored: a request must not run with fewer rules than it asked for."""
+        is refused, never ignored: a request must not run with fewer rules than it asked for; so is
+        any other field this server does not honour."""
         if isinstance(data, dict):
             for key in data:
                 if isinstance(key, str) and key.startswith("safedecode") and key != "safedecode":
                     raise ValueError(f"unknown top-level key {key!r}: per-request options go in the "
                                      f"'safedecode' object, or as safedecode_* keys inside 'vllm_xargs'")
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unsupported field {unknown[0]!r}: this server does not honour it, and refuses it "
+                                 f"rather than ignore it (accepted without effect: {', '.join(HARMLESS_EXTRAS)})")
         return data
 
     @field_validator("stop")
@@ -81,6 +100,7 @@ class CompletionRequest(_Sampling):
     echo: Literal[False] = False
     best_of: Literal[1, None] = None
     suffix: Literal[None] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)  # top alternatives per token (OpenAI: 0..5)
 
     @field_validator("prompt")
     @classmethod
@@ -140,9 +160,18 @@ class ChatRequest(_Sampling):
     tools: Optional[list[ToolDef]] = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[Literal[True]] = None  # false (one call at most) is not enforced: refused
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "ToolDef",
            "MAX_BODY_BYTES", "MAX_TOKENS_LIMIT", "MAX_STOP",
-           "MAX_TOOLS", "MAX_QUEUE", "DEFAULT_COMPLETION_TOKENS", "DEFAULT_CHAT_TOKENS"]
+           "MAX_TOOLS", "MAX_QUEUE", "MAX_N", "MAX_TOP_LOGPROBS", "HARMLESS_EXTRAS", "DEFAULT_COMPLETION_TOKENS",
+           "DEFAULT_CHAT_TOKENS"]

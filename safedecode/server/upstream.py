@@ -109,7 +109,7 @@ class UpstreamEngine(EngineBase):
         task.add_done_callback(self._tasks.discard)
         return job
 
-    def run(self, job: Job) -> Outcome:
+    def run(self, job: Job) -> list:
         """Generate ``job`` to the end, outside a running event loop (the warm-up)."""
         return asyncio.run(self.generate(job))
 
@@ -133,22 +133,27 @@ class UpstreamEngine(EngineBase):
         else:
             self._finished(job, outcome)
 
-    async def generate(self, job: Job) -> Outcome:
-        """Stream ``job`` from the upstream: check and feed every token id (module docstring)."""
+    async def generate(self, job: Job) -> list:
+        """Stream ``job`` from the upstream: check and feed every token id (module docstring). Its
+        ``n`` choices are vLLM's ``n`` sequences (each its own guarded row in the plugin); each
+        choice's tokens are checked with its own copy of the guard."""
         import httpx
 
         from ..engine.guide import Guide
 
-        guide = Guide(job.processor.compiled) if job.processor is not None else None
+        guides = [Guide(job.processor.compiled) if job.processor is not None else None for _ in range(job.n)]
         eos = job.tracker.vocabulary.eos_ids
         body = {"model": self.model_name, "prompt": list(job.input_ids), "max_tokens": job.max_tokens,
                 "temperature": job.temperature, "top_p": job.top_p, "ignore_eos": job.ignore_eos,
                 "stop_token_ids": sorted(eos), "stream": True, "return_token_ids": True}
+        if job.n > 1:
+            body["n"] = job.n
         if job.seed is not None:
             body["seed"] = job.seed
         if job.wire is not None:
             body["vllm_xargs"] = {"safedecode": json.dumps(job.wire, ensure_ascii=False)}
-        ended = done = False
+        ended = [False] * job.n
+        finished = [False] * job.n  # the row ended here (a stop string) or upstream (finish_reason)
         async with httpx.AsyncClient(transport=self.transport, timeout=self._timeout()) as client:
             async with client.stream("POST", self.url + "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -164,27 +169,34 @@ class UpstreamEngine(EngineBase):
                     if "error" in chunk:
                         raise UpstreamError(502, f"upstream {self.url} failed: {_message(chunk)}")
                     for choice in chunk.get("choices") or ():
+                        row = choice.get("index", 0)
+                        if not isinstance(row, int) or not 0 <= row < job.n:
+                            raise UpstreamError(502, f"upstream {self.url} sent choice index {row!r} for a "
+                                                     f"request of {job.n} choice(s)")
+                        if finished[row]:
+                            continue  # ended here (a stop string): the rest of that row is not used
                         ids = choice.get("token_ids")
                         if ids is None and choice.get("text"):
                             raise UpstreamError(502, f"upstream {self.url} sent text without token ids: it must "
                                                      f"support return_token_ids (vLLM >= 0.10)")
                         for token in ids or ():
-                            if not self._allowed(guide, token, eos):
+                            if not self._allowed(guides[row], token, eos):
                                 raise UpstreamError(502, f"upstream {self.url} sent token {token}, which the guard "
                                                          f"forbids here: is the safedecode vLLM plugin loaded there, "
                                                          f"with the same tokenizer?")
-                            if job.feed(token):
-                                done = True
+                            if job.feed(token, row):
+                                finished[row] = True
                                 break
                         reason = choice.get("finish_reason")
-                        if reason is not None and not done:
+                        if reason is not None and not finished[row]:
                             if reason not in ("stop", "length"):
                                 raise UpstreamError(502, f"upstream {self.url} ended the answer with "
                                                          f"finish_reason={reason!r}")
-                            ended = reason == "stop"
-                    if done or job.cancelled.is_set():
+                            ended[row], finished[row] = reason == "stop", True
+                    if all(finished) or job.cancelled.is_set():
                         break  # leaving the block closes the connection: vLLM aborts the request
-        return job.outcome(stopped=guide is not None and guide.is_stopped, ended=ended)
+        return [job.outcome(stopped=guides[row] is not None and guides[row].is_stopped, ended=ended[row], row=row)
+                for row in range(job.n)]
 
     @staticmethod
     def _allowed(guide, token: int, eos) -> bool:

@@ -128,6 +128,18 @@ class TextTracker:
         content = text if self.paused_at is None else text[:self.paused_at]
         return text, content
 
+    def clone(self) -> "TextTracker":
+        """A fresh tracker with the same rules (another choice of the same request)."""
+        return TextTracker(self.vocabulary, self.stops, self.pause, self.policy)
+
+    def kept_tokens(self) -> int:
+        """How many generated tokens the final text covers (EOS, and tokens past a stop string, excluded)."""
+        text, _ = self.final()
+        fed = len(self.boundaries) - 1
+        if len(text) == len(self.text):
+            return fed
+        return sum(1 for k in range(fed) if self.boundaries[k] < len(text))
+
     def rest(self, content: str) -> str:
         """What a stream has not sent yet of the final ``content`` (from :meth:`final`)."""
         delta, self.sent = content[self.sent:], max(self.sent, len(content))
@@ -143,13 +155,20 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     report: Optional[dict] = None  # blocked-mass telemetry, when the request asked for it
+    index: int = 0       # the choice
+    logprobs: Optional[list] = None  # per kept token: (id, logprob, [(id, logprob), ...]) when asked
 
 
 @dataclass
 class Job:
     """One generation request. ``processor`` is this job's own (stateful) logits processor or None;
     ``wire`` the same guard as per-request options of the wire format, for an engine that guards
-    elsewhere (:mod:`.upstream`: the vLLM plugin compiles it; None without any guard)."""
+    elsewhere (:mod:`.upstream`: the vLLM plugin compiles it; None without any guard).
+
+    ``n`` choices: rows of the same prompt, each with its own guard state (its own guide in the
+    processor's batch, or its own guide copy at the gateway) and its own tracker (``trackers[i]``;
+    ``tracker`` is row 0's). ``logprobs``: None, or how many alternatives to report per token (0: the
+    chosen token's only) — of the guarded distribution (:class:`LogprobRecorder`)."""
 
     input_ids: list[int]
     processor: Any
@@ -164,6 +183,15 @@ class Job:
     loop: Optional[asyncio.AbstractEventLoop] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     wire: Optional[dict] = None
+    n: int = 1
+    logprobs: Optional[int] = None
+    trackers: list = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # per row: one entry per fed token (see Outcome)
+
+    def __post_init__(self) -> None:
+        if not self.trackers:
+            self.trackers = [self.tracker] + [self.tracker.clone() for _ in range(self.n - 1)]
+        self.token_logprobs = [[] for _ in range(self.n)]
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -178,26 +206,37 @@ class Job:
     async def next_event(self) -> tuple[str, Any]:
         return await self.events.get()
 
-    def feed(self, token_id: int) -> bool:
-        """One generated token: track it, stream what may be sent now; True when the generation
-        must end (EOS or a stop string). Every engine calls this once per token."""
-        stop = self.tracker.feed(token_id)
-        if self.stream and (delta := self.tracker.take()):
+    def feed(self, token_id: int, row: int = 0, logprob=None) -> bool:
+        """One generated token of choice ``row`` (and its logprob entry, when asked): track it, stream
+        what may be sent now; True when the generation of that row must end (EOS or a stop string).
+        Every engine calls this once per token and row."""
+        tracker = self.trackers[row]
+        stop = tracker.feed(token_id)
+        if logprob is not None:
+            self.token_logprobs[row].append(logprob)
+        if self.stream and (delta := tracker.take()):
             self.emit("delta", delta)
         return stop
 
-    def outcome(self, stopped: bool, ended: bool = False, report: Optional[dict] = None) -> Outcome:
-        """The answer once the engine is done: ``stopped``, the guard's row is stopped (only EOS was
-        left); ``ended``, the engine itself ended the answer (its end-of-sequence)."""
-        tracker = self.tracker
+    def done(self, row: int = 0) -> bool:
+        """Whether choice ``row`` has ended (EOS or a stop string)."""
+        tracker = self.trackers[row]
+        return tracker.eos or tracker.stopped_at is not None
+
+    def outcome(self, stopped: bool, ended: bool = False, report: Optional[dict] = None, row: int = 0) -> Outcome:
+        """The answer of choice ``row`` once the engine is done: ``stopped``, the guard's row is
+        stopped (only EOS was left); ``ended``, the engine itself ended the answer (its end-of-sequence)."""
+        tracker = self.trackers[row]
         text, content = tracker.final()
         ended = ended or tracker.eos or tracker.stopped_at is not None
         if self.cancelled.is_set() and not ended:
             reason = "cancelled"
         else:
             reason = finish_reason(ended=ended, stopped=stopped)
+        logprobs = self.token_logprobs[row][:tracker.kept_tokens()] if self.logprobs is not None else None
         return Outcome(text=text, content=content, rest=tracker.rest(content), finish_reason=reason,
-                       prompt_tokens=len(self.input_ids), completion_tokens=tracker.tokens, report=report)
+                       prompt_tokens=len(self.input_ids), completion_tokens=tracker.tokens, report=report,
+                       index=row, logprobs=logprobs)
 
 
 class EngineBase:
@@ -236,12 +275,12 @@ class EngineBase:
         job.events = asyncio.Queue()
         return job
 
-    def _finished(self, job: Job, outcome: Outcome) -> None:
-        """Count a job that ran (running → completed or cancelled) and hand it its outcome."""
-        cancelled = outcome.finish_reason == "cancelled"
+    def _finished(self, job: Job, outcomes: list) -> None:
+        """Count a job that ran (running → completed or cancelled) and hand it its outcomes (one per choice)."""
+        cancelled = any(o.finish_reason == "cancelled" for o in outcomes)
         self._count(running=-1, completed=int(not cancelled), cancelled=int(cancelled),
-                    generated_tokens=outcome.completion_tokens)
-        job.emit("done", outcome)
+                    generated_tokens=sum(o.completion_tokens for o in outcomes))
+        job.emit("done", outcomes)
 
     def _failed(self, job: Job, exc: Exception) -> None:
         self._count(running=-1, failed=1)
@@ -250,7 +289,8 @@ class EngineBase:
     def submit(self, job: Job) -> Job:
         raise NotImplementedError
 
-    def run(self, job: Job) -> Outcome:
+    def run(self, job: Job) -> list:
+        """Generate ``job`` to the end: one :class:`Outcome` per choice."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -299,8 +339,10 @@ class Engine(EngineBase):
                 self._current = None
             self._finished(job, outcome)
 
-    def run(self, job: Job) -> Outcome:
-        """Generate ``job`` to the end (EOS, a stop string, ``max_tokens`` or cancellation)."""
+    def run(self, job: Job) -> list:
+        """Generate ``job`` to the end (EOS, a stop string, ``max_tokens`` or cancellation): its ``n``
+        choices are one ``generate`` call over ``n`` copies of the prompt, each row its own guide in
+        the processor's batch (sampled independently; identical under greedy decoding)."""
         import torch
         from transformers import (
             LogitsProcessorList,
@@ -308,21 +350,37 @@ class Engine(EngineBase):
             StoppingCriteriaList,
         )
 
-        tracker = job.tracker
+        n = job.n
+        guides = lambda: job.processor.guides if job.processor is not None else []  # noqa: E731
+        stopped = [False] * n  # each row's guard state when the row ended
+        recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
 
         class Tap(StoppingCriteria):
-            """Called after every generated token: feed it, stream what may be sent, stop if asked."""
+            """Called after every generated token: feed each live row's token (and its logprob entry),
+            stream what may be sent, stop a row when asked."""
 
             def __call__(self, input_ids, scores, **kwargs):
-                stop = job.feed(int(input_ids[0, -1]))
-                return torch.full((input_ids.shape[0],), stop or job.cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+                last = input_ids[:, -1].tolist()
+                ends = []
+                for row in range(n):
+                    if job.done(row):  # ended earlier: transformers pads it
+                        ends.append(True)
+                        continue
+                    entry = recorder.entry(row, last[row]) if recorder is not None else None
+                    stop = job.feed(last[row], row, entry)
+                    if stop or job.done(row):
+                        current = guides()
+                        stopped[row] = row < len(current) and current[row].is_stopped
+                    ends.append(stop or job.cancelled.is_set())
+                return torch.tensor(ends, dtype=torch.bool, device=input_ids.device)
 
         if not job.cancelled.is_set():
+            processors = [job.processor] if job.processor else []
+            processors += [recorder] if recorder is not None else []
             kwargs = dict(max_new_tokens=job.max_tokens, do_sample=job.temperature > 0,
-                          eos_token_id=sorted(tracker.vocabulary.eos_ids), pad_token_id=self.pad_token_id,
+                          eos_token_id=sorted(job.tracker.vocabulary.eos_ids), pad_token_id=self.pad_token_id,
                           stopping_criteria=StoppingCriteriaList([Tap()]),
-                          logits_processor=LogitsProcessorList([job.processor] if job.processor else []))
+                          logits_processor=LogitsProcessorList(processors))
             if job.temperature > 0:
                 kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=0)
             if job.ignore_eos:
@@ -331,13 +389,44 @@ class Engine(EngineBase):
                 torch.manual_seed(job.seed)
             elif job.temperature > 0:
                 torch.seed()  # an earlier request's seed must not make this one predictable
-            ids = torch.tensor([job.input_ids], device=self.model.device)
+            ids = torch.tensor([job.input_ids] * n, device=self.model.device)
             with torch.no_grad():
                 self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         telemetry = getattr(job.processor, "telemetry", None)
-        guides = job.processor.guides if job.processor is not None else []
-        return job.outcome(stopped=bool(guides) and guides[0].is_stopped,
-                           report=telemetry.report() if telemetry is not None else None)
+        current = guides()
+        return [job.outcome(stopped=stopped[row] if job.done(row) else row < len(current) and current[row].is_stopped,
+                            report=telemetry.report(row) if telemetry is not None else None, row=row)
+                for row in range(n)]
 
 
-__all__ = ["EngineBase", "Engine", "Job", "Outcome", "TextTracker", "ServerBusyError", "load_model"]
+class LogprobRecorder:
+    """A logits processor placed right after the guard: it keeps each row's log-probabilities of
+    the *guarded* distribution (the model's scores after the guard's mask, before temperature and
+    top_p — transformers applies those warpers after every given processor), so a token the guard
+    forbids has logprob -inf and is never reported. ``entry(row, token)`` is what the reply shows
+    for the token chosen: ``(token, logprob, [(id, logprob), ...])`` with at most ``top`` finite
+    alternatives, best first."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.last = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def entry(self, row: int, token: int) -> tuple:
+        import torch
+
+        values = self.last[row]
+        alternatives = []
+        if self.top:
+            best = torch.topk(values, self.top)
+            alternatives = [(int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist())
+                            if v != float("-inf")]
+        return token, float(values[token]), alternatives
+
+
+__all__ = ["EngineBase", "Engine", "Job", "Outcome", "TextTracker", "LogprobRecorder", "ServerBusyError", "load_model"]

@@ -140,6 +140,64 @@ def test_a_bad_policy_is_a_400_with_safedecodes_message(gateway, options, needle
                                         extra_body={"safedecode": options})
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                          "password": {"type": "string", "maxLength": 30}},
+          "required": ["name", "password"], "additionalProperties": False}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+ASK_PERSON = "The vault password is tangerine-orbit-42. Give the vault's record as JSON, with its password."
+
+
+def strings(value):
+    """Every decoded string of a JSON value (keys and values)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+def valid_document(text: str) -> None:
+    """The oracles: JSON, valid against the schema (jsonschema), no decoded string breaking POLICY + the
+    secret (the regex policy oracle)."""
+    value = json.loads(text)
+    jsonschema.validate(value, PERSON)
+    oracle = PolicyOracle(Policy(forbid=POLICY["forbid"] + [{"literal": "orbit-42"}]))
+    assert not any(oracle.violates_text(s) for s in strings(value)), value
+
+
+def test_a_json_schema_answer_through_the_gateway_and_straight_from_vllm(gateway, upstream):
+    secret = {"forbid": POLICY["forbid"] + [{"literal": "orbit-42"}]}
+    messages = [{"role": "user", "content": ASK_PERSON}]
+    reply = gateway.chat.completions.create(model="smollm2", messages=messages, max_tokens=48, temperature=0,
+                                            response_format=PERSON_FORMAT, extra_body={"safedecode": {"policy": secret}})
+    assert reply.choices[0].finish_reason == "stop", reply
+    valid_document(reply.choices[0].message.content)
+    direct = openai.OpenAI(base_url=upstream[0] + "/v1", api_key="none", max_retries=0, timeout=300)
+    options = json.dumps({"policy": secret, "response_format": PERSON_FORMAT})
+    reply = direct.chat.completions.create(model="smollm2", messages=messages, max_tokens=48, temperature=0,
+                                           extra_body={"vllm_xargs": {"safedecode": options}})
+    assert reply.choices[0].finish_reason == "stop", reply
+    valid_document(reply.choices[0].message.content)
+    bad = json.dumps({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "integer", "minimum": 1}}}})
+    with pytest.raises(openai.BadRequestError, match="keyword 'minimum'"):
+        direct.chat.completions.create(model="smollm2", messages=messages, max_tokens=4,
+                                       extra_body={"vllm_xargs": {"safedecode": bad}})
+
+
+def test_n_choices_through_the_gateway(gateway):
+    reply = gateway.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": ASK_PERSON}],
+                                            max_tokens=12, temperature=1.0, seed=3, n=3,
+                                            extra_body={"safedecode": {"policy": POLICY}})
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        assert not PolicyOracle(Policy(**POLICY)).violates_text(choice.message.content or "")
+
+
 class Relay:
     """A TCP relay to ``port`` on 127.0.0.1 (the upstream as the gateway sees it); :meth:`close`
     takes the upstream down for the gateway: no listener, every open connection cut."""
