@@ -171,7 +171,12 @@ def test_new_generation_of_the_same_shape_is_detected(setup):
     paris = tok.encode("Paris", add_special_tokens=False)[0]
     assert paris in again.masks[0]  # the anchored rule applies again: this is a start
     again.extend([p["begin"], p["begin"]])
-    Run(guard, [again.rows[0], again.rows[1][:-1] + [p["x"][0]]], len(tok))  # same shape
+    # The same shape and the same prompts is a continuation (assisted decoding goes back to the
+    # accepted tokens): the prompt boundary stays, the states are those of the ids after it.
+    rows = [again.rows[0], again.rows[1][:-1] + [p["x"][0]]]
+    guard(torch.tensor(rows, dtype=torch.long), torch.zeros((2, len(tok))))
+    assert guard.prompt_length == again.prompt_length
+    assert guard.states == [guard.compiled.walk(row[again.prompt_length:]) for row in rows]
     Run(guard, [fresh, fresh, fresh], len(tok))  # another batch size
 
 
@@ -213,10 +218,12 @@ def test_degenerate_shapes(setup):
     bounds (the kernels run without bounds checks); then generation continues normally."""
     tok, guard, p, prompt = setup
     guard.reset()
-    for ids in ([[], []], [[5], [5]], [[5, 7, 9], [5, 7, 9]]):  # never one more column: all prompts
+    for ids in ([[], []], [[5], [5]], [[6, 7, 9], [6, 7, 9]]):  # never one more column: all prompts
         scores = torch.zeros((len(ids), len(tok)))
         guard(torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1), scores)
         assert guard.prompt_length == len(ids[0]) and guard.states == [guard.compiled.start_state] * 2
+    guard(torch.tensor([[6, 7, 9, 11, 12]] * 2), torch.zeros((2, len(tok))))  # a jump that extends them
+    assert guard.prompt_length == 3 and guard.states == [guard.compiled.walk([11, 12])] * 2
     guard(torch.zeros((0, 4), dtype=torch.long), torch.zeros((0, len(tok))))
     run = Run(guard, [prompt[:3], prompt[:3]], len(tok))
     run.extend([p["start"] + p["x"] * 10, p["begin"] + p["x"] * 10])

@@ -181,8 +181,10 @@ class GuideBatch:
 
     ``step(input_ids, scores)`` recognises each row as a one-token extension of some row of the
     previous call (beam search may permute and duplicate rows), advances its state and masks its
-    scores, in one kernel call for CPU logits; anything that cannot be a continuation starts a new
-    generation whose prompt is the current ``input_ids``. Reusing a batch for another ``generate``
+    scores, in one kernel call for CPU logits. A call of the same rows and prompts at another length
+    (assisted and prompt-lookup decoding) keeps the prompt boundary and recomputes the states from
+    it; anything that cannot be a continuation starts a new generation whose prompt is the current
+    ``input_ids``. Reusing a batch for another ``generate``
     call requires :meth:`reset` (a new prompt can look like a continuation).
 
     Cost per step: O(batch²) integer operations for the rows, whatever the context length (no row

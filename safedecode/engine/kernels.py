@@ -304,8 +304,62 @@ def _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, paren
 
 
 @numba.njit(cache=True)
-def _start_rows(input_ids, rows, pairs):
-    """A new generation: each row's first id and windows, and ``pairs`` for every pair of rows.
+def _shares_prompt(input_ids, rows, prev_len, prompt_len):
+    """Whether every row has the first id and the ids before the prompt boundary of some previous
+    row (the same prompts; the previous call's rows are ``rows[:len(input_ids)]``) and, when it is
+    longer than the previous rows, also their last ids at their length (it extends one)."""
+    batch, length = input_ids.shape
+    for i in range(batch):
+        found = False
+        for q in range(batch):
+            if _same_prompt(input_ids[i], rows[q], prompt_len) and (
+                    length <= prev_len or _windows_agree(input_ids[i], rows[q], prev_len, prompt_len)):
+                found = True
+                break
+        if not found:
+            return False
+    return True
+
+
+@numba.njit(inline="always")
+def _same_prompt(row, info, prompt_len):
+    if prompt_len > 0 and row[0] != info[ROW_FIRST]:
+        return False
+    for j in range(WINDOW):
+        pos = prompt_len - WINDOW + j
+        if pos >= 0 and row[pos] != info[ROW_BOUNDARY + j]:
+            return False
+    return True
+
+
+@numba.njit(cache=True)
+def _resync_rows(blob, input_ids, tracker, rows, prompt_len):
+    """Each row's state recomputed from its ids after the prompt boundary (O(output length)); a row
+    sharing its prompt with a stopped previous row stays stopped (fail closed: which previous row it
+    continues is not known)."""
+    batch, length = input_ids.shape
+    n_comp = blob[0]
+    states = np.zeros((batch, n_comp), np.int32)
+    for i in range(batch):
+        stopped = False
+        for q in range(batch):
+            if _same_prompt(input_ids[i], rows[q], prompt_len):
+                for k in range(n_comp):
+                    if tracker[1 + q, k] < 0:
+                        stopped = True
+        for k in range(n_comp):
+            state = 0
+            for pos in range(prompt_len, length):
+                state = next_state(blob, k, state, input_ids[i, pos])
+            states[i, k] = VIOLATED if stopped else state
+    for i in range(batch):
+        tracker[1 + i, :n_comp] = states[i]
+
+
+@numba.njit(cache=True)
+def _start_rows(input_ids, rows, pairs, prompt_len):
+    """Each row's first id and windows (the boundary window ends at ``prompt_len``), and ``pairs``
+    for every pair of rows.
 
     ``pairs`` is built by splitting the rows into groups that agree on a growing prefix (a trie
     walk): each group is scanned from where its rows are known to agree to the first position where
@@ -316,10 +370,10 @@ def _start_rows(input_ids, rows, pairs):
     for i in range(batch):
         rows[i, ROW_FIRST] = input_ids[i, 0] if length > 0 else 0
         for j in range(WINDOW):
+            pos = prompt_len - WINDOW + j
+            rows[i, ROW_BOUNDARY + j] = input_ids[i, pos] if pos >= 0 else 0
             pos = length - WINDOW + j
-            v = input_ids[i, pos] if pos >= 0 else 0
-            rows[i, ROW_BOUNDARY + j] = v
-            rows[i, ROW_TAIL + j] = v
+            rows[i, ROW_TAIL + j] = input_ids[i, pos] if pos >= 0 else 0
         for k in range(batch):
             pairs[0, i, k] = -1
             pairs[1, i, k] = 0
@@ -452,9 +506,12 @@ def guard_step(blob, input_ids, tracker, rows, pairs, logits, ninf, apply_mask):
     A call with the previous call's number of rows and one more column continues the previous rows
     if every row is recognised as a one-token extension of one of them (beam search reorders and
     duplicates rows): :func:`_find_parents`, exact under its precondition P, with O(batch) work per
-    row whatever the length. Anything else — another batch size, not exactly one more column, a
-    row that disagrees with every previous row at a position read — starts a new generation whose
-    prompt is the current ``input_ids`` (O(batch × length) once, :func:`_start_rows`). Invariants
+    row whatever the length. A call with the same rows and prompts at another length (assisted and
+    prompt-lookup decoding go back to the accepted tokens; a longer call must extend the previous
+    rows' last ids) keeps the prompt boundary and recomputes each state from it (O(output length),
+    :func:`_resync_rows`). Anything else — another batch size, another prompt, a row that disagrees
+    with every previous row at a position read — starts a new generation whose prompt is the
+    current ``input_ids`` (O(batch × length) once, :func:`_start_rows`). Invariants
     kept between calls: ``rows`` and ``pairs`` describe the previous call's rows exactly (they are
     derived from ids read, never guessed), and each state is the state of the row's ids after the
     prompt, if P held at every step.
@@ -468,10 +525,18 @@ def guard_step(blob, input_ids, tracker, rows, pairs, logits, ninf, apply_mask):
         continuing = _find_parents(input_ids, rows, pairs, prev_rows, prev_len, prompt_len, parents)
     if continuing:
         _continue_rows(blob, input_ids, tracker, rows, pairs, parents)
+    elif prev_rows == batch and prev_len > 0 and length >= prompt_len and \
+            _shares_prompt(input_ids, rows, prev_len, prompt_len):
+        # Not one more column, but the same prompts: assisted or prompt-lookup decoding (the length
+        # goes back to the accepted tokens, or stays), or a jump forward that extends the previous
+        # rows. The output still starts at the prompt boundary: each state is recomputed from it
+        # (treating generated ids as prompt would let a forbidden text straddle the jump: fail open).
+        _resync_rows(blob, input_ids, tracker, rows, prompt_len)
+        _start_rows(input_ids, rows, pairs, prompt_len)
     else:
         for i in range(batch):
             tracker[1 + i, :n_comp] = 0
-        _start_rows(input_ids, rows, pairs)
+        _start_rows(input_ids, rows, pairs, length)
         tracker[0, 2] = length
     tracker[0, 0] = batch
     tracker[0, 1] = length
