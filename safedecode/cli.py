@@ -165,7 +165,7 @@ def cmd_serve(args) -> int:
     if args.upstream_timeout <= 0:
         raise SafeDecodeError(f"--upstream-timeout {args.upstream_timeout:g}: must be a positive number of seconds")
     return serve(model=args.model, policy=args.policy, host=args.host, port=args.port, max_queue=args.max_queue,
-                 upstream=args.upstream, upstream_timeout=args.upstream_timeout)
+                 upstream=args.upstream, upstream_timeout=args.upstream_timeout, max_batch=args.max_batch)
 
 
 def _policy_option(p, required: bool = True, help: str = POLICY_HELP) -> None:
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-queue", type=int, help="waiting requests beyond this get HTTP 503 (default 256)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="embedded engine: most rows (requests × n) generated together in one batch (default 16; "
+                        "1: one at a time)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="run benchmarks/overhead.py of a source checkout; every further "

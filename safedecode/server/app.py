@@ -274,8 +274,9 @@ class Server:
         self.check_model(body.model)
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self.prepare_pool, prepare, body)
-            job = self.engine.submit(prepared.job)
+            with self.engine.arriving():
+                prepared = await loop.run_in_executor(self.prepare_pool, prepare, body)
+                job = self.engine.submit(prepared.job)
         except Exception as exc:
             raise ApiError.of(exc) from None
         reply = Reply(prepared, self.model_name, body.include_usage)
@@ -543,11 +544,11 @@ def create_app(server: Server) -> FastAPI:
 
 def serve(model: Optional[str] = None, policy=None, host: str = "127.0.0.1", port: int = 8000,
           max_queue: Optional[int] = None, log_level: str = "info", upstream: Optional[str] = None,
-          upstream_timeout: float = 600.0) -> int:
+          upstream_timeout: float = 600.0, max_batch: int = 16) -> int:
     """Load the model (or connect to the ``upstream`` vLLM server), warm the guard up, and serve until
     interrupted (``safedecode serve``). ``model``: the embedded engine's model (default: the embedded
     SmolLM2); with ``upstream``, where the upstream model's tokenizer is (default: the directory vLLM
-    reports)."""
+    reports). ``max_batch``: the embedded engine's most rows (choices) in one batched generation."""
     require("uvicorn", "server", "safedecode serve")
     import uvicorn
 
@@ -564,7 +565,7 @@ def serve(model: Optional[str] = None, policy=None, host: str = "127.0.0.1", por
         from .worker import load_model
 
         model_obj, tokenizer, name = load_model(model or "default")
-        engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE)
+        engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE, max_batch=max_batch)
     server = Server(engine, name, default_policy)
     try:
         warm_up(server)

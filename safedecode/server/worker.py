@@ -1,14 +1,18 @@
-"""The generation worker: one model, one generation at a time, streamed token by token.
+"""The generation worker: one model, batches of generations, streamed token by token.
 
 Invariants:
-  * **no cross-talk**: exactly one thread (the worker) ever runs the model, one job at a time in
-    arrival order; every job carries its own logits processor (per-generation state) and its own
-    :class:`TextTracker`, so nothing is shared between requests but the immutable model and
-    compiled policies. A request's answer is therefore the same whether it ran alone or among
-    others (given the same seed, or greedy decoding);
-  * **cancellation frees the model**: :meth:`Job.cancel` (a client disconnected) is checked after
-    every token by a ``StoppingCriteria``, so the generation stops at the next step; a job
-    cancelled while queued never starts;
+  * **no cross-talk**: exactly one thread (the worker) ever runs the model. It takes the jobs
+    waiting (up to ``max_batch`` rows) and runs them as one batched ``generate`` (:class:`Batch`),
+    but every job carries its own logits processor (per-generation state; it sees only its own
+    rows, its padding cut off), its own sampler (temperature, top_p, its own seeded generator),
+    its own stopping rules and its own :class:`TextTracker`, so nothing is shared between requests
+    but the immutable model and compiled policies. A request's answer is therefore the same whether
+    it ran alone or among others (given the same seed, or greedy decoding), up to floating point:
+    left padding changes the model's numerics slightly, which can flip a near tie (see the README,
+    "Serving");
+  * **cancellation frees the row**: :meth:`Job.cancel` (a client disconnected) is checked after
+    every token by a ``StoppingCriteria``, so the job's rows end at the next step and it is
+    answered while the others go on; a job cancelled while queued never starts;
   * **only guarded text is streamed**: the text is the generated tokens' bytes decoded exactly as
     DESIGN §1 defines it (an incomplete UTF-8 tail is held back), and a delta never goes past a
     token boundary — the points where the guard's prefix-safety holds — nor into a possible stop
@@ -18,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import queue
+import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -253,6 +260,23 @@ class EngineBase:
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self.counters = dict(queued=0, running=0, completed=0, cancelled=0, failed=0, generated_tokens=0)
+        self._arriving = 0
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around a request's preparation and :meth:`submit`: while any request is arriving, a
+        batching engine may wait a little for it (:class:`Engine`'s ``batch_wait``)."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+
+    def arriving_now(self) -> int:
+        with self._lock:
+            return self._arriving
 
     def stats(self) -> dict:
         with self._lock:
@@ -298,15 +322,27 @@ class EngineBase:
 
 
 class Engine(EngineBase):
-    """Runs :class:`Job` s on one worker thread (see the module invariants); counts what it did."""
+    """Runs :class:`Job` s on one worker thread (see the module invariants), in batches: the worker
+    takes every job waiting (up to ``max_batch`` rows) and generates them in one ``model.generate``
+    call (:class:`Batch`); counts what it did.
 
-    def __init__(self, model, tokenizer, max_queue: int):
+    ``batch_wait``: how long (seconds) the worker may hold a batch back for requests still being
+    prepared (:meth:`EngineBase.arriving`: their prompt is being encoded and their guard compiled),
+    so that clients that sent together run together; 0 starts each batch at once."""
+
+    def __init__(self, model, tokenizer, max_queue: int, max_batch: int = 16, batch_wait: float = 0.25):
         super().__init__(tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30), max_queue)
+        if max_batch < 1:
+            raise SafeDecodeError(f"--max-batch {max_batch}: must be at least 1")
         self.model = model
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._current: Optional[Job] = None
+        self._held: Optional[Job] = None  # taken from the queue but left for the next batch (too many rows)
+        self._current: list[Job] = []
         self._closing = threading.Event()
+        self.counters.update(batches=0, batched_rows=0, max_batch_rows=0)
         self._thread = threading.Thread(target=self._work, name="safedecode-engine", daemon=True)
         self._thread.start()
 
@@ -316,87 +352,214 @@ class Engine(EngineBase):
         return job
 
     def close(self) -> None:
-        """Stop the worker: the running generation is cancelled, queued jobs are not started."""
+        """Stop the worker: the running generations are cancelled, queued jobs are not started."""
         self._closing.set()
         self._queue.put(None)
-        while (job := self._current) is not None and self._thread.is_alive():
-            job.cancel()
+        while self._current and self._thread.is_alive():
+            for job in list(self._current):
+                job.cancel()
             self._thread.join(timeout=0.1)
         self._thread.join(timeout=30)
 
-    def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            self._count(queued=-1, running=1)
-            self._current = job
-            if self._closing.is_set():
-                job.cancel()
+    def _take(self) -> Optional[list]:
+        """The next batch: the first waiting job (blocking), then every job waiting or arriving within
+        ``batch_wait`` while rows are left; None once closed."""
+        first = self._held if self._held is not None else self._queue.get()
+        self._held = None
+        if first is None:
+            return None
+        jobs, rows = [first], first.n
+        deadline = time.monotonic() + self.batch_wait
+        while rows < self.max_batch:
             try:
-                outcome = self.run(job)
-            except Exception as exc:  # reported to the request, never kills the worker
-                self._failed(job, exc)
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                if self.arriving_now() == 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.002)
                 continue
+            if job is None:
+                self._queue.put(None)  # closing: finish this batch first
+                break
+            if rows + job.n > self.max_batch:
+                self._held = job
+                break
+            jobs.append(job)
+            rows += job.n
+        return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._take()) is not None:
+            self._count(queued=-len(jobs), running=len(jobs))
+            if self._closing.is_set():
+                for job in jobs:
+                    job.cancel()
+            self._current = jobs
+            batch = Batch(self, jobs, self._finished)
+            try:
+                batch.generate()
+            except Exception as exc:  # reported to the requests still running, never kills the worker
+                for job in batch.unfinished():
+                    self._failed(job, exc)
             finally:
-                self._current = None
-            self._finished(job, outcome)
+                self._current = []
 
     def run(self, job: Job) -> list:
-        """Generate ``job`` to the end (EOS, a stop string, ``max_tokens`` or cancellation): its ``n``
-        choices are one ``generate`` call over ``n`` copies of the prompt, each row its own guide in
-        the processor's batch (sampled independently; identical under greedy decoding)."""
+        """Generate ``job`` alone to the end, on the calling thread (the warm-up): its outcomes."""
+        done: list = []
+        Batch(self, [job], lambda _, outcomes: done.extend(outcomes)).generate()
+        return done
+
+
+class Batch:
+    """One ``model.generate`` call over the rows of several jobs: every job's prompt is left-padded
+    to the longest, its ``n`` rows copied. Nothing is shared between jobs but the model:
+
+      * each job's own logits processor sees only its rows, with its padding cut off, so its guard
+        reads exactly the ids it would read alone (:meth:`process`);
+      * each job's own EOS rule (``ignore_eos``), logprob recorder (after its guard: the guarded
+        distribution) and sampler (its temperature and top_p, its own ``torch.Generator`` seeded with
+        its seed) — generate itself runs greedy, and a sampled row's scores become one-hot on the
+        sampled id;
+      * each row ends on its own (EOS, a stop string, the job's ``max_tokens``, cancellation): the
+        stopping criterion returns a per-row flag, after which transformers feeds that row only pad
+        ids, ignored here; a job whose rows have all ended is answered at once (``on_done``), while
+        the others go on.
+    """
+
+    def __init__(self, engine: Engine, jobs: list, on_done):
         import torch
-        from transformers import (
-            LogitsProcessorList,
-            StoppingCriteria,
-            StoppingCriteriaList,
-        )
 
-        n = job.n
-        guides = lambda: job.processor.guides if job.processor is not None else []  # noqa: E731
-        stopped = [False] * n  # each row's guard state when the row ended
-        recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
-
-        class Tap(StoppingCriteria):
-            """Called after every generated token: feed each live row's token (and its logprob entry),
-            stream what may be sent, stop a row when asked."""
-
-            def __call__(self, input_ids, scores, **kwargs):
-                last = input_ids[:, -1].tolist()
-                ends = []
-                for row in range(n):
-                    if job.done(row):  # ended earlier: transformers pads it
-                        ends.append(True)
-                        continue
-                    entry = recorder.entry(row, last[row]) if recorder is not None else None
-                    stop = job.feed(last[row], row, entry)
-                    if stop or job.done(row):
-                        current = guides()
-                        stopped[row] = row < len(current) and current[row].is_stopped
-                    ends.append(stop or job.cancelled.is_set())
-                return torch.tensor(ends, dtype=torch.bool, device=input_ids.device)
-
-        if not job.cancelled.is_set():
-            processors = [job.processor] if job.processor else []
-            processors += [recorder] if recorder is not None else []
-            kwargs = dict(max_new_tokens=job.max_tokens, do_sample=job.temperature > 0,
-                          eos_token_id=sorted(job.tracker.vocabulary.eos_ids), pad_token_id=self.pad_token_id,
-                          stopping_criteria=StoppingCriteriaList([Tap()]),
-                          logits_processor=LogitsProcessorList(processors))
+        self.engine, self.jobs, self.on_done = engine, jobs, on_done
+        self.spans: list = [None] * len(jobs)  # per job in the batch: (its first row, its padding)
+        self.ended = [[False] * job.n for job in jobs]
+        self.stopped = [[False] * job.n for job in jobs]
+        self.finished = [False] * len(jobs)
+        self.recorders = [LogprobRecorder(job.logprobs) if job.logprobs is not None else None for job in jobs]
+        self.generators = []
+        for job in jobs:
+            generator = None
             if job.temperature > 0:
-                kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=0)
+                generator = torch.Generator(device=engine.model.device)
+                generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+            self.generators.append(generator)
+
+    def unfinished(self) -> list:
+        return [job for job, finished in zip(self.jobs, self.finished) if not finished]
+
+    def generate(self) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        for j, job in enumerate(self.jobs):  # cancelled while queued: never starts
+            if job.cancelled.is_set():
+                self._finish(j)
+        live = [j for j, finished in enumerate(self.finished) if not finished]
+        if not live:
+            return
+        pad = self.engine.pad_token_id
+        width = max(len(self.jobs[j].input_ids) for j in live)
+        rows, mask = [], []
+        for j in live:
+            job = self.jobs[j]
+            padding = width - len(job.input_ids)
+            self.spans[j] = (len(rows), padding)
+            rows += [[pad] * padding + list(job.input_ids)] * job.n
+            mask += [[0] * padding + [1] * len(job.input_ids)] * job.n
+        device = self.engine.model.device
+        ids = torch.tensor(rows, device=device)
+        eos = sorted(self.jobs[live[0]].tracker.vocabulary.eos_ids)
+        self.engine._count(batches=1, batched_rows=len(rows))
+        with self.engine._lock:
+            self.engine.counters["max_batch_rows"] = max(self.engine.counters["max_batch_rows"], len(rows))
+        with torch.no_grad():
+            self.engine.model.generate(
+                ids, attention_mask=torch.tensor(mask, device=device), do_sample=False,
+                max_new_tokens=max(self.jobs[j].max_tokens for j in live), eos_token_id=eos, pad_token_id=pad,
+                logits_processor=LogitsProcessorList([self.process]),
+                stopping_criteria=StoppingCriteriaList([self.tap]))
+        for j in range(len(self.jobs)):  # generate reached its own length limit
+            if not self.finished[j]:
+                self._finish(j)
+
+    def process(self, input_ids, scores):
+        """The batch's one logits processor: each live job's rows through that job's own guard,
+        recorder and sampler."""
+        import torch
+
+        for j, job in enumerate(self.jobs):
+            if self.finished[j]:
+                continue
+            start, padding = self.spans[j]
+            rows = slice(start, start + job.n)
+            part = scores[rows]
             if job.ignore_eos:
-                kwargs["min_new_tokens"] = job.max_tokens
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            elif job.temperature > 0:
-                torch.seed()  # an earlier request's seed must not make this one predictable
-            ids = torch.tensor([job.input_ids] * n, device=self.model.device)
-            with torch.no_grad():
-                self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+                part[:, sorted(job.tracker.vocabulary.eos_ids)] = float("-inf")
+            if job.processor is not None:
+                part = job.processor(input_ids[rows, padding:].contiguous(), part)
+            if self.recorders[j] is not None:
+                self.recorders[j](None, part)
+            if self.generators[j] is not None:
+                chosen = sample(part, job.temperature, job.top_p, self.generators[j])
+                part = torch.full_like(part, float("-inf")).scatter_(1, chosen, 0.0)
+            scores[rows] = part
+        return scores
+
+    def tap(self, input_ids, scores, **kwargs):
+        """The stopping criterion, called after every generated token: feed each live row's token
+        (and its logprob entry) to its job, stream what may be sent, end the rows that are done, and
+        answer each job whose rows have all ended."""
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        ends = [True] * len(last)
+        for j, job in enumerate(self.jobs):
+            if self.finished[j]:
+                continue
+            start, _ = self.spans[j]
+            cancelled = job.cancelled.is_set()
+            for row in range(job.n):
+                if self.ended[j][row]:
+                    continue
+                token = last[start + row]
+                recorder = self.recorders[j]
+                stop = job.feed(token, row, recorder.entry(row, token) if recorder is not None else None)
+                if stop or job.done(row) or cancelled or job.trackers[row].tokens >= job.max_tokens:
+                    self.ended[j][row] = True
+                    self.stopped[j][row] = self._is_stopped(job, row)
+                else:
+                    ends[start + row] = False
+            if all(self.ended[j]):
+                self._finish(j)
+        return torch.tensor(ends, dtype=torch.bool, device=input_ids.device)
+
+    @staticmethod
+    def _is_stopped(job: Job, row: int) -> bool:
+        guides = job.processor.guides if job.processor is not None else []
+        return row < len(guides) and guides[row].is_stopped
+
+    def _finish(self, j: int) -> None:
+        job = self.jobs[j]
+        self.finished[j] = True
         telemetry = getattr(job.processor, "telemetry", None)
-        current = guides()
-        return [job.outcome(stopped=stopped[row] if job.done(row) else row < len(current) and current[row].is_stopped,
-                            report=telemetry.report(row) if telemetry is not None else None, row=row)
-                for row in range(n)]
+        outcomes = [job.outcome(stopped=self.stopped[j][row] if self.ended[j][row] else self._is_stopped(job, row),
+                                report=telemetry.report(row) if telemetry is not None else None, row=row)
+                    for row in range(job.n)]
+        self.on_done(job, outcomes)
+
+
+def sample(scores, temperature: float, top_p: float, generator):
+    """One token id per row (shape ``(rows, 1)``) drawn from ``softmax(scores / temperature)``
+    restricted to the top-``top_p`` nucleus (the most likely tokens until their mass reaches
+    ``top_p``; at least one), with ``generator``. Masked ids (-inf) are never drawn."""
+    import torch
+
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered[(ordered.cumsum(-1) - ordered) >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(1, order, ordered)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 class LogprobRecorder:
@@ -429,4 +592,4 @@ class LogprobRecorder:
         return token, float(values[token]), alternatives
 
 
-__all__ = ["EngineBase", "Engine", "Job", "Outcome", "TextTracker", "LogprobRecorder", "ServerBusyError", "load_model"]
+__all__ = ["EngineBase", "Engine", "Batch", "sample", "Job", "Outcome", "TextTracker", "LogprobRecorder", "ServerBusyError", "load_model"]

@@ -1,0 +1,162 @@
+"""The embedded engine's batching (:class:`safedecode.server.worker.Batch`), in process: several
+requests in one ``generate`` call, each with its own guard, options and stopping rules.
+
+No cross-talk: every answer is judged by the ``regex`` oracle against its *own* request's policy
+(each request forbids something different), carries only its own marker, and equals the answer
+the same request gets alone (greedy decoding; seeded sampling). Rows end on their own (EOS, stop
+string, ``max_tokens``, cancellation) and their job is answered at once while the others go on.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from safedecode import Policy, find_violations
+from safedecode.server.worker import Batch, Engine
+
+pytest.importorskip("fastapi")
+from safedecode.server.app import Server  # noqa: E402
+from safedecode.server.schemas import ChatRequest, CompletionRequest  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+MARKERS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from safedecode.models import load_default_model
+
+    model, tokenizer = load_default_model()
+    engine = Engine(model, tokenizer, max_queue=64, max_batch=16)
+    yield Server(engine, MODEL)
+    engine.close()
+
+
+def _policy(i: int) -> dict:
+    """Request i's own policy: the first letters of its marker, or a digit pair (different for each)."""
+    return {"forbid": [{"literal": MARKERS[i][1:4]}, {"literal": str(10 + 7 * i)}]}
+
+
+def _job(server, i: int, **options):
+    """Request i: a completion or a chat (alternating), echoing its own marker, under its own policy."""
+    options.setdefault("safedecode", {"policy": _policy(i)})
+    body = dict(model=MODEL, max_tokens=options.pop("max_tokens", 10), temperature=options.pop("temperature", 0),
+                **options)
+    text = f"Repeat exactly, twice: {MARKERS[i]} {10 + 7 * i} {MARKERS[i]}"
+    if i % 2:
+        return server.prepare_chat(ChatRequest(messages=[{"role": "user", "content": text}], **body)).job
+    return server.prepare_completion(CompletionRequest(prompt=text + "\n" + "Answer: " * (i % 3 + 1), **body)).job
+
+
+def _run(server, jobs, log=None):
+    """Run ``jobs`` as one batch; their outcomes, in order (``log`` gets each job's index as it is answered)."""
+    done = {}
+
+    def on_done(job, outcomes):
+        done[id(job)] = outcomes
+        if log is not None:
+            log.append((jobs.index(job), sum(o.completion_tokens for o in done[id(job)])))
+
+    Batch(server.engine, jobs, on_done).generate()
+    return [done[id(job)] for job in jobs]
+
+
+def test_a_batch_of_different_requests_has_no_cross_talk_and_matches_each_alone(server):
+    alone = [_run(server, [_job(server, i)])[0][0] for i in range(8)]
+    together = [outcomes[0] for outcomes in _run(server, [_job(server, i) for i in range(8)])]
+    premise = _run(server, [_job(server, 0, safedecode={})])[0][0].text  # unguarded, it echoes its marker
+    assert MARKERS[0][1:4] in premise or "10" in premise, premise
+    for i, outcome in enumerate(together):
+        assert not find_violations(Policy(**_policy(i)), outcome.text), (i, outcome.text)
+        others = [m for k, m in enumerate(MARKERS) if k != i]
+        assert not any(m in outcome.text for m in others), (i, outcome.text)
+        assert outcome.prompt_tokens == alone[i].prompt_tokens
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert len({o.text for o in together}) >= 6
+
+
+def test_rows_end_on_their_own_and_their_job_is_answered_at_once(server):
+    short = _job(server, 0, max_tokens=2)
+    stopped = _job(server, 2, max_tokens=30, ignore_eos=True, stop=[" "])
+    long = _job(server, 4, max_tokens=12, ignore_eos=True)
+    log = []
+    outcomes = _run(server, [long, short, stopped], log)
+    assert [o[0].completion_tokens for o in outcomes][:2] == [12, 2]
+    assert outcomes[1][0].finish_reason == "length" and outcomes[0][0].finish_reason == "length"
+    assert outcomes[2][0].finish_reason == "stop" and " " not in outcomes[2][0].text
+    assert log[-1][0] == 0 and [i for i, _ in log[:2]] in ([1, 2], [2, 1])  # the long one last
+
+
+def test_a_cancelled_job_frees_its_row_and_the_others_go_on(server):
+    doomed = _job(server, 1, max_tokens=200, ignore_eos=True)
+    other = _job(server, 3, max_tokens=12, ignore_eos=True)
+    alone = _run(server, [_job(server, 3, max_tokens=12, ignore_eos=True)])[0][0].text
+    feed = doomed.feed
+
+    def feed_then_cancel(token, row=0, logprob=None):
+        if doomed.trackers[row].tokens == 3:
+            doomed.cancel()  # as the app does when the client disconnects
+        return feed(token, row, logprob)
+
+    doomed.feed = feed_then_cancel
+    log = []
+    gone, kept = _run(server, [doomed, other], log)
+    assert gone[0].finish_reason == "cancelled" and gone[0].completion_tokens <= 5
+    assert log[0][0] == 0 and kept[0].completion_tokens == 12 and kept[0].text == alone
+    queued = _job(server, 5)
+    queued.cancel()
+    (outcome,), = _run(server, [queued])
+    assert outcome.finish_reason == "cancelled" and outcome.completion_tokens == 0
+
+
+def test_sampling_options_are_per_row_and_seeded_sampling_is_reproducible_in_a_batch(server):
+    def sampled(seed, **options):
+        return _job(server, 6, max_tokens=8, temperature=1.0, top_p=0.9, seed=seed, n=3, **options)
+
+    alone = [o.text for o in _run(server, [sampled(7)])[0]]
+    batch = _run(server, [_job(server, 0), sampled(7), _job(server, 1, temperature=0.5, seed=3), sampled(8)])
+    assert [o.text for o in batch[1]] == alone and len(set(alone)) > 1
+    assert batch[0][0].text == _run(server, [_job(server, 0)])[0][0].text  # its greedy neighbour is unaffected
+    for i, outcomes in zip((0, 6, 1, 6), batch):
+        for outcome in outcomes:
+            assert not find_violations(Policy(**_policy(i)), outcome.text), outcome.text
+
+
+def test_logprobs_in_a_batch_are_each_rows_guarded_distribution(server):
+    def asking(i):
+        return _job(server, i, max_tokens=6, logprobs=5)
+
+    alone = [_run(server, [asking(i)])[0][0] for i in (0, 2)]
+    together = [o[0] for o in _run(server, [asking(0), _job(server, 1), asking(2)])[0::2]]
+    for i, a, b in zip((0, 2), alone, together):
+        assert [t for t, _, _ in a.logprobs] == [t for t, _, _ in b.logprobs]
+        for (_, lp_a, top_a), (_, lp_b, top_b) in zip(a.logprobs, b.logprobs):
+            assert lp_b == pytest.approx(lp_a, abs=1e-3)
+            assert [t for t, _ in top_a][:3] == [t for t, _ in top_b][:3]
+        vocabulary = server.engine.tokenizer
+        prefix = ""
+        for token, _, top in b.logprobs:  # no alternative that would complete a match of its own policy
+            for alternative, logprob in top:
+                text = prefix + vocabulary.decode([alternative])
+                assert logprob > float("-inf") and not find_violations(Policy(**_policy(i)), text), text
+            prefix += vocabulary.decode([token])
+
+
+def test_the_worker_batches_jobs_that_wait_together(server):
+    engine = server.engine
+
+    async def go():
+        prepared = [_job(server, i, max_tokens=4) for i in range(8)]
+        with engine.arriving():  # as the app marks a request being prepared: the batch waits for them
+            jobs = [engine.submit(job) for job in prepared]
+        return [await job.next_event() for job in jobs]
+
+    before = engine.stats()
+    events = asyncio.run(go())
+    after = engine.stats()
+    assert all(kind == "done" for kind, _ in events)
+    assert after["batches"] - before["batches"] == 1 and after["batched_rows"] - before["batched_rows"] == 8
+    assert after["completed"] - before["completed"] == 8
+    for i, (_, outcomes) in enumerate(events):
+        assert not find_violations(Policy(**_policy(i)), outcomes[0].text)
