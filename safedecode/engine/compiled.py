@@ -33,13 +33,13 @@ from ..policy.automaton import (
     compile_components,
 )
 from ..policy.rules import Policy
-from ..tokens.token_automaton import build_token_automaton
+from ..tokens.token_automaton import build_token_automaton, choose_layouts
 from ..tokens.trie import build_trie
 from ..tokens.vocabulary import Vocabulary, vocabulary_of
 from ..version import __version__
 from . import kernels
 
-TABLE_FORMAT = 6  # bump when the packed layout changes: old cache files are then ignored
+TABLE_FORMAT = 7  # bump when the packed layout changes: old cache files are then ignored
 
 
 class CompiledPolicy:
@@ -167,12 +167,15 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         id_to_rank[eos] = -1
     static = forbidden_special_ids(policy, vocabulary)
     id_to_rank[static] = kernels.FORBIDDEN_SPECIAL
+    unranked = np.ones(vocabulary.size, dtype=bool)
+    unranked[trie.rank_to_id] = False  # ids without text: special ids, EOS (restored by the complement layout)
     shared = dict(id_to_rank=id_to_rank, token_offsets=token_offsets, token_bytes=token_bytes,
-                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32), static_forbidden=static)
+                  eos_ids=np.array(sorted(vocabulary.eos_ids), dtype=np.int32), static_forbidden=static,
+                  unranked=np.flatnonzero(unranked).astype(np.int32))
     all_tables = []
     with _progress_bar(progress, "token automaton", "state") as report:
         for dfa, _ in components:
-            tables = build_token_automaton(dfa, trie, progress=report)
+            tables = choose_layouts(build_token_automaton(dfa, trie, progress=report), len(trie.rank_to_id))
             columns, byte_class = _byte_classes(dfa.trans)
             tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
                           end_accept=dfa.end_accept, eos_blocked=dfa.eos_blocked_or_none()[tables["byte_state"]])
@@ -188,6 +191,7 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
         "overrides": int(sum(len(t["override"]) for t in all_tables)),
         "forbidden_ranges": int(sum(len(t["forb_lo"]) + len(t["ref_forb_lo"]) for t in all_tables)),
         "references": int(sum(int(t["n_references"][0]) for t in all_tables)),
+        "complement_states": int(sum(int(t["n_complement"][0]) for t in all_tables)),
         "vocab_size": int(vocabulary.size),
         "table_bytes": int(blob.nbytes),
         "dfa_seconds": round(t1 - t0, 4),

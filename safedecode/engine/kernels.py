@@ -8,6 +8,14 @@ components, ``blob[1]`` the header width, then one header row per component hold
 (``ninf`` is the bit pattern of -inf for its dtype), so float32, float16 and bfloat16 share one
 kernel and nothing is copied.
 
+A state's forbidden ids are stored in one of three layouts (``state_ref``; see
+tokens/token_automaton.choose_layouts): against a reference state (its forbidden rank ranges plus
+this state's differences), by its own forbidden rank ranges (``NO_REFERENCE``), or — for a state
+that forbids more than half of the ranks, as a structured output's do — by the rank ranges it
+*allows* (``COMPLEMENT``): the kernel saves the values of the ids that stay (allowed ranks, ids
+without rank, padding beyond the vocabulary), fills the whole row with ``ninf`` and puts them back,
+so what another component masked before stays masked and the mask is the same in every layout.
+
 ``id_to_rank`` is -1 for ids without text (EOS, allowed special tokens: the state is unchanged) and
 -2 for special ids the policy forbids everywhere.
 
@@ -25,16 +33,21 @@ import numpy as np
  BYTE_CLASS, TRANS, END_ACCEPT, COMPACT, BYTE_STATE, STATE_REF, REF_FORB_PTR, REF_FORB_LO, REF_FORB_HI,
  FORB_PTR, FORB_LO, FORB_HI, OVERRIDE_PTR, OVERRIDE, N_CLASSES,
  STATIC_FORBIDDEN,  # shared: special ids forbidden in every state (policy.special_tokens = "forbid")
- EOS_BLOCKED) = range(22)  # per token state: 1 inside an unfinished block (EOS masked)
+ EOS_BLOCKED,  # per token state: 1 inside an unfinished block (EOS masked)
+ UNRANKED) = range(23)  # shared: the ids below the vocabulary size that have no rank (no text)
 SEGMENTS = ("id_to_rank", "rank_to_id", "token_offsets", "token_bytes", "eos_ids",
             "byte_class", "trans", "end_accept", "compact", "byte_state", "state_ref", "ref_forb_ptr",
             "ref_forb_lo", "ref_forb_hi", "forb_ptr", "forb_lo", "forb_hi", "override_ptr", "override", "n_classes",
-            "static_forbidden", "eos_blocked")
-SHARED_SEGMENTS = frozenset(SEGMENTS[:5] + ("static_forbidden",))
+            "static_forbidden", "eos_blocked", "unranked")
+SHARED_SEGMENTS = frozenset(SEGMENTS[:5] + ("static_forbidden", "unranked"))
 FORBIDDEN_SPECIAL = -2  # id_to_rank of a special id that is forbidden in every state
 HEADER_START = 2
 
 VIOLATED = -1
+
+# ``state_ref`` of a state not stored against a reference (see tokens/token_automaton.choose_layouts):
+NO_REFERENCE = -1  # its forb ranges are all it forbids
+COMPLEMENT = -2  # its forb ranges are the ranks it *allows*: everything else is forbidden
 
 # Bit patterns of -inf, per logits dtype, read through a same-width integer view.
 NEG_INF_BITS = {"float32": np.int32(-8388608), "float16": np.int16(-1024), "bfloat16": np.int16(-128),
@@ -135,6 +148,48 @@ def next_state(blob, component, state, token):
 
 
 @numba.njit(cache=True)
+def _keep_allowed(row, ninf, rank_to_id, allowed_lo, allowed_hi, a, b, unranked, n_ids):
+    """Mask every ranked id but those of the allowed rank ranges ``[a, b)``: save the values of the
+    ids that stay (the allowed ones, the ids without rank, the padding ids >= ``n_ids``), write
+    ``ninf`` over the whole row, put the saved values back. What another component masked before
+    is saved as ``ninf`` and stays masked; the static and EOS rules are applied after, as for any
+    state."""
+    vocab = len(row)
+    n = 0
+    for k in range(a, b):
+        n += allowed_hi[k] - allowed_lo[k]
+    pad = vocab - n_ids if vocab > n_ids else 0
+    saved = np.empty(n + len(unranked) + pad, row.dtype)
+    m = 0
+    for k in range(a, b):
+        for r in range(allowed_lo[k], allowed_hi[k]):
+            token = rank_to_id[r]
+            if token < vocab:
+                saved[m] = row[token]
+                m += 1
+    for token in unranked:
+        if token < vocab:
+            saved[m] = row[token]
+            m += 1
+    for j in range(pad):
+        saved[m + j] = row[n_ids + j]
+    row[:] = ninf
+    m = 0
+    for k in range(a, b):
+        for r in range(allowed_lo[k], allowed_hi[k]):
+            token = rank_to_id[r]
+            if token < vocab:
+                row[token] = saved[m]
+                m += 1
+    for token in unranked:
+        if token < vocab:
+            row[token] = saved[m]
+            m += 1
+    for j in range(pad):
+        row[n_ids + j] = saved[m + j]
+
+
+@numba.njit(cache=True)
 def mask_row(blob, component, state, row, ninf):
     """Write ``ninf`` into every id ``component`` forbids from ``state`` (all non-EOS ids if VIOLATED).
 
@@ -154,28 +209,33 @@ def mask_row(blob, component, state, row, ninf):
             if eos[k] < vocab:
                 row[eos[k]] = saved[k]
         return
-    override_ptr = _seg(blob, header, OVERRIDE_PTR)
-    override = _seg(blob, header, OVERRIDE)
-    o_lo, o_hi = override_ptr[state], override_ptr[state + 1]
-    ref = _seg(blob, header, STATE_REF)[state]
-    ref_ptr = _seg(blob, header, REF_FORB_PTR)
-    lo_s = _seg(blob, header, REF_FORB_LO)
-    hi_s = _seg(blob, header, REF_FORB_HI)
-    for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
-        for r in range(lo_s[k], hi_s[k]):
-            if o_hi > o_lo and _find(override, o_lo, o_hi, r) >= 0:
-                continue  # the reference forbids r, this state allows it
-            token = rank_to_id[r]
-            if token < vocab:
-                row[token] = ninf
     forb_ptr = _seg(blob, header, FORB_PTR)
     forb_lo = _seg(blob, header, FORB_LO)
     forb_hi = _seg(blob, header, FORB_HI)
-    for k in range(forb_ptr[state], forb_ptr[state + 1]):
-        for r in range(forb_lo[k], forb_hi[k]):
-            token = rank_to_id[r]
-            if token < vocab:
-                row[token] = ninf
+    ref = _seg(blob, header, STATE_REF)[state]
+    if ref == COMPLEMENT:
+        _keep_allowed(row, ninf, rank_to_id, forb_lo, forb_hi, forb_ptr[state], forb_ptr[state + 1],
+                      _seg(blob, header, UNRANKED), len(_seg(blob, header, ID_TO_RANK)))
+    else:
+        if ref >= 0:
+            override_ptr = _seg(blob, header, OVERRIDE_PTR)
+            override = _seg(blob, header, OVERRIDE)
+            o_lo, o_hi = override_ptr[state], override_ptr[state + 1]
+            ref_ptr = _seg(blob, header, REF_FORB_PTR)
+            lo_s = _seg(blob, header, REF_FORB_LO)
+            hi_s = _seg(blob, header, REF_FORB_HI)
+            for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
+                for r in range(lo_s[k], hi_s[k]):
+                    if o_hi > o_lo and _find(override, o_lo, o_hi, r) >= 0:
+                        continue  # the reference forbids r, this state allows it
+                    token = rank_to_id[r]
+                    if token < vocab:
+                        row[token] = ninf
+        for k in range(forb_ptr[state], forb_ptr[state + 1]):
+            for r in range(forb_lo[k], forb_hi[k]):
+                token = rank_to_id[r]
+                if token < vocab:
+                    row[token] = ninf
     for token in _seg(blob, header, STATIC_FORBIDDEN):
         if token < vocab:
             row[token] = ninf

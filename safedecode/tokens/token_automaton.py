@@ -375,3 +375,151 @@ def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None, threshol
         "compact": compact,
         "n_references": np.array([len(ref_forbidden)], dtype=np.int32),
     }
+
+
+# ------------------------------------------------------------------------------- mask layouts
+# ``build_token_automaton`` stores every state relative to a reference. That is compact for "does
+# not contain" rules, whose states forbid a few tokens; a structured-output rule (a whole JSON
+# document) has states that forbid almost every token, and states that allow almost every token
+# measured against a reference that forbids almost every one (tens of thousands of overrides per
+# state). ``choose_layouts`` rewrites each state in the cheapest of three layouts, written in its
+# ``state_ref``:
+#   * ``>= 0`` (a reference, as built): forbidden = forb ∪ (forbidden(ref) − override);
+#   * ``NO_REFERENCE``: forbidden = its own forb ranges (when no larger than its delta);
+#   * ``COMPLEMENT``: the forb ranges are the ranks it *allows* (when it forbids at least
+#     ``complement_min`` ranks): the kernel fills the row with -inf and puts the allowed ids back.
+# References no delta state uses any more are dropped. The forbidden set of every state is
+# unchanged (tests/test_mask_layout.py checks the masks against the walk of every token).
+NO_REFERENCE = -1
+COMPLEMENT = -2
+
+
+@numba.njit(cache=True)
+def _forbidden_ranks(q, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr, override,
+                     out):
+    """``out[r] = 1`` iff rank ``r`` is forbidden from ``q`` (the reference layout)."""
+    out[:] = 0
+    ref = state_ref[q]
+    for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
+        out[ref_lo[k]:ref_hi[k]] = 1
+    for j in range(override_ptr[q], override_ptr[q + 1]):
+        out[override[j]] = 0
+    for k in range(forb_ptr[q], forb_ptr[q + 1]):
+        out[forb_lo[k]:forb_hi[k]] = 1
+
+
+@numba.njit(cache=True)
+def _runs(bits, value, lo_out, hi_out, n):
+    """Append the runs of ``value`` in ``bits`` as [lo, hi) at ``n``; returns the new count."""
+    r = 0
+    n_ranks = len(bits)
+    while r < n_ranks:
+        if bits[r] != value:
+            r += 1
+            continue
+        start = r
+        while r < n_ranks and bits[r] == value:
+            r += 1
+        lo_out[n] = start
+        hi_out[n] = r
+        n += 1
+    return n
+
+
+@numba.njit(cache=True)
+def _layouts(n_ranks, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr, override,
+             complement_min):
+    """Per state: its layout (a reference, NO_REFERENCE or COMPLEMENT) and how many ranges it stores."""
+    n = len(state_ref)
+    bits = np.empty(n_ranks, np.uint8)
+    kind = np.empty(n, np.int32)
+    count = np.zeros(n, np.int64)
+    for q in range(n):
+        _forbidden_ranks(q, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr,
+                         override, bits)
+        n_forbidden = 0
+        runs_forbidden = 0
+        runs_allowed = 0
+        prev = 2
+        for r in range(n_ranks):
+            b = bits[r]
+            n_forbidden += b
+            if b != prev:
+                if b:
+                    runs_forbidden += 1
+                else:
+                    runs_allowed += 1
+                prev = b
+        delta = 2 * (forb_ptr[q + 1] - forb_ptr[q]) + (override_ptr[q + 1] - override_ptr[q])
+        if n_forbidden >= complement_min:
+            kind[q] = COMPLEMENT
+            count[q] = runs_allowed
+        elif 2 * runs_forbidden <= delta:
+            kind[q] = NO_REFERENCE
+            count[q] = runs_forbidden
+        else:
+            kind[q] = state_ref[q]
+            count[q] = forb_ptr[q + 1] - forb_ptr[q]
+    return kind, count
+
+
+@numba.njit(cache=True)
+def _write_layouts(n_ranks, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr, override,
+                   kind, new_ptr, new_lo, new_hi, new_override_ptr, new_override):
+    bits = np.empty(n_ranks, np.uint8)
+    n_override = 0
+    for q in range(len(state_ref)):
+        n = new_ptr[q]
+        new_override_ptr[q] = n_override
+        if kind[q] >= 0:  # as built
+            for k in range(forb_ptr[q], forb_ptr[q + 1]):
+                new_lo[n] = forb_lo[k]
+                new_hi[n] = forb_hi[k]
+                n += 1
+            for j in range(override_ptr[q], override_ptr[q + 1]):
+                new_override[n_override] = override[j]
+                n_override += 1
+            continue
+        _forbidden_ranks(q, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr,
+                         override, bits)
+        _runs(bits, 0 if kind[q] == COMPLEMENT else 1, new_lo, new_hi, n)
+    new_override_ptr[len(state_ref)] = n_override
+    return n_override
+
+
+def choose_layouts(tables: dict[str, np.ndarray], n_ranks: int, complement_min: int | None = None) -> dict:
+    """``tables`` (from :func:`build_token_automaton`) with each state in its cheapest layout (see
+    above); ``complement_min`` (default: more than half of the ranks) is the number of forbidden
+    ranks from which a state is stored by its allowed ranks. Adds ``n_complement`` (states so stored)."""
+    complement_min = n_ranks // 2 + 1 if complement_min is None else complement_min
+    args = (np.int64(n_ranks), tables["state_ref"].astype(np.int32), tables["ref_forb_ptr"].astype(np.int64),
+            tables["ref_forb_lo"].astype(np.int32), tables["ref_forb_hi"].astype(np.int32),
+            tables["forb_ptr"].astype(np.int64), tables["forb_lo"].astype(np.int32),
+            tables["forb_hi"].astype(np.int32), tables["override_ptr"].astype(np.int64),
+            tables["override"].astype(np.int32))
+    kind, count = _layouts(*args, np.int64(complement_min))
+    n_states = len(kind)
+    new_ptr = np.zeros(n_states + 1, np.int64)
+    np.cumsum(count, out=new_ptr[1:])
+    new_lo = np.empty(new_ptr[-1], np.int32)
+    new_hi = np.empty(new_ptr[-1], np.int32)
+    delta = kind >= 0
+    new_override_ptr = np.zeros(n_states + 1, np.int64)
+    new_override = np.empty(int(np.diff(tables["override_ptr"])[delta].sum()), np.int32)
+    _write_layouts(*args, kind, new_ptr, new_lo, new_hi, new_override_ptr, new_override)
+    # Keep only the references some delta state still uses, renumbered in order.
+    used = np.unique(kind[delta])
+    renumber = np.full(len(tables["ref_forb_ptr"]), -1, np.int32)
+    renumber[used] = np.arange(len(used), dtype=np.int32)
+    state_ref = np.where(delta, renumber[np.maximum(kind, 0)], kind).astype(np.int32)
+    ref_ptr = tables["ref_forb_ptr"]
+    parts = [np.stack([tables["ref_forb_lo"][ref_ptr[r]:ref_ptr[r + 1]], tables["ref_forb_hi"][ref_ptr[r]:ref_ptr[r + 1]]],
+                      axis=1) for r in used]
+    ref_forb_ptr, ref_forb = _csr(parts, 2)
+    out = dict(tables)
+    out.update(state_ref=state_ref, ref_forb_ptr=ref_forb_ptr, ref_forb_lo=ref_forb[:, 0].copy(),
+               ref_forb_hi=ref_forb[:, 1].copy(), forb_ptr=new_ptr, forb_lo=new_lo, forb_hi=new_hi,
+               override_ptr=new_override_ptr, override=new_override,
+               n_references=np.array([len(used)], dtype=np.int32),
+               n_complement=np.array([int((kind == COMPLEMENT).sum())], dtype=np.int32))
+    return out
