@@ -434,7 +434,20 @@ def _layouts(n_ranks, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, for
     bits = np.empty(n_ranks, np.uint8)
     kind = np.empty(n, np.int32)
     count = np.zeros(n, np.int64)
+    ref_count = np.zeros(len(ref_ptr) - 1, np.int64)  # ranks each reference forbids
+    for ref in range(len(ref_count)):
+        for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
+            ref_count[ref] += ref_hi[k] - ref_lo[k]
     for q in range(n):
+        at_most = ref_count[state_ref[q]]
+        for k in range(forb_ptr[q], forb_ptr[q + 1]):
+            at_most += forb_hi[k] - forb_lo[k]
+        if override_ptr[q + 1] == override_ptr[q] and at_most < complement_min:
+            # No override and too few forbidden ranks for the complement: kept as built, decided
+            # without an O(ranks) pass (the states of phrase lists and most secret rules).
+            kind[q] = state_ref[q]
+            count[q] = forb_ptr[q + 1] - forb_ptr[q]
+            continue
         _forbidden_ranks(q, state_ref, ref_ptr, ref_lo, ref_hi, forb_ptr, forb_lo, forb_hi, override_ptr,
                          override, bits)
         n_forbidden = 0
