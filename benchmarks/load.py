@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Load benchmark of ``safedecode serve``: requests/s and latency under N concurrent clients.
 
-    .venv/bin/python benchmarks/load.py              # 1 client (8 requests), then 8 clients (32 requests)
-    .venv/bin/python benchmarks/load.py --quick      # 1 client (4 requests), then 4 clients (12 requests)
+    .venv/bin/python benchmarks/load.py              # 1, 4, 8 and 16 clients (6 requests, then 3 per client)
+    .venv/bin/python benchmarks/load.py --quick      # 1 and 4 clients, one round
+    .venv/bin/python benchmarks/load.py --max-batch 1    # the server without batching (one at a time)
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000   # an already running server
+    .venv/bin/python benchmarks/load.py --agreement 64   # in process: greedy answers alone vs batched
 
 Loopback only: it starts ``safedecode serve`` (embedded SmolLM2) on a free 127.0.0.1 port unless
 ``--url`` names a loopback server. Bounded: each scenario stops after ``--requests`` requests or
@@ -16,9 +18,16 @@ Every request is streamed (so time to first token is measured too), asks for exa
 and carries a distinct prompt. Scenarios: ``/v1/completions`` and ``/v1/chat/completions``, each
 without a request policy and with ``grammars/secrets.toml`` (``"policy": "secrets"``). A chat
 request is always guarded by its channel guard (control tokens, delimiters, links, leaks); "no
-policy" means no rules beyond those. Each scenario runs once with a single client (the latency of
-a request alone) and once with ``--clients`` clients (throughput, and the latency with queueing:
-the server runs one generation at a time). Writes ``load.json`` (every latency) and ``load.md``.
+policy" means no rules beyond those. Each scenario runs with each number of ``--clients`` (1: the
+latency of a request alone; more: throughput, and the latency with batching and queueing — the
+embedded server batches up to ``--max-batch`` rows per generation). Writes ``load.json`` (every
+latency) and ``load.md``.
+
+``--agreement N`` measures something else, in process and without HTTP: N distinct greedy requests
+(the four scenarios' kinds, prompts of different lengths) answered alone and then in batches of 8
+(left-padded, as the server batches them); it counts the answers that differ (floating point:
+padding changes the model's numerics slightly, which can flip a near tie) and writes
+``load_agreement.md``.
 """
 from __future__ import annotations
 
@@ -140,10 +149,10 @@ def summarize(name: str, endpoint: str, policy, clients: int, parts: list[dict])
 
 
 def run_all(base: str, args) -> list[dict]:
-    """Every scenario × (1 client, ``--clients`` clients), interleaved over ``--rounds`` rounds so
-    that a change in the machine's load hits every scenario alike."""
-    runs = [(name, endpoint, policy, clients, requests) for name, endpoint, policy in SCENARIOS
-            for clients, requests in ((1, args.solo_requests), (args.clients, args.requests))]
+    """Every scenario × number of clients, interleaved over ``--rounds`` rounds so that a change in
+    the machine's load hits every scenario alike."""
+    runs = [(name, endpoint, policy, clients, args.solo_requests if clients == 1 else args.requests_per_client * clients)
+            for name, endpoint, policy in SCENARIOS for clients in args.client_counts]
     parts: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     for round_ in range(args.rounds):
         for i, (name, endpoint, policy, clients, requests) in enumerate(runs):
@@ -161,10 +170,11 @@ def render_markdown(report: dict) -> str:
         "# Load benchmark: `safedecode serve`",
         "",
         f"`benchmarks/load.py` — streaming clients on loopback, {config['max_tokens']} tokens per request "
-        f"(`ignore_eos`, greedy); 1 client for {config['solo_requests']} requests, then {config['clients']} "
-        f"concurrent clients for {config['requests']} requests (or {config['max_seconds']} s) per scenario, "
-        f"interleaved over {config['rounds']} rounds; "
-        f"embedded {MODEL} on CPU, one generation at a time.",
+        f"(`ignore_eos`, greedy); 1 client for {config['solo_requests']} requests, then "
+        f"{', '.join(str(c) for c in config['client_counts'] if c > 1)} concurrent clients for "
+        f"{config['requests_per_client']} requests per client (or {config['max_seconds']} s) per scenario, "
+        f"interleaved over {config['rounds']} rounds; embedded {MODEL} on CPU, "
+        f"`--max-batch {config['max_batch']}`" + (" (no batching)." if config['max_batch'] == 1 else "."),
         "",
         "| scenario | clients | requests | errors | requests/s | tokens/s | latency p50 (s) | latency p99 (s) | "
         "first token p50 (s) | first token p99 (s) |",
@@ -174,6 +184,18 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {s['scenario']} | {s['clients']} | {s['requests']}{' (time cap)' if s['cut_by_time'] else ''} | "
                      f"{s['errors']} | {s['requests_per_s']} | {s['tokens_per_s']} | {s.get('p50_s', '—')} | "
                      f"{s.get('p99_s', '—')} | {s.get('ttft_p50_s', '—')} | {s.get('ttft_p99_s', '—')} |")
+    lines += ["", "Scaling against 1 client (same scenario): requests/s ratio, p50 latency ratio.", "",
+              "| scenario | " + " | ".join(f"{c} clients" for c in config["client_counts"] if c > 1) + " |",
+              "|---|" + "---|" * sum(c > 1 for c in config["client_counts"])]
+    for name, _, _ in SCENARIOS:
+        rows = {s["clients"]: s for s in report["scenarios"] if s["scenario"] == name}
+        solo = rows.get(1)
+        if not solo or not solo.get("requests_per_s") or not solo.get("p50_s"):
+            continue
+        cells = [f"{rows[c]['requests_per_s'] / solo['requests_per_s']:.2f}× req/s, "
+                 f"{rows[c].get('p50_s', float('nan')) / solo['p50_s']:.2f}× p50"
+                 for c in config["client_counts"] if c > 1 and rows.get(c, {}).get("requests_per_s")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     machine = report["machine"]
     lines += ["", f"Machine: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}, "
                   f"load average {machine['load_start']} at start and {machine['load_end']} at end "
@@ -183,31 +205,38 @@ def render_markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 clients, 12 requests (solo: 4) per scenario")
-    ap.add_argument("--clients", type=int, help="concurrent clients (default 8, quick 4)")
-    ap.add_argument("--requests", type=int, help="requests per scenario with --clients (default 32, quick 12)")
-    ap.add_argument("--solo-requests", type=int, help="requests per scenario with one client (default 8, quick 4)")
+    ap.add_argument("--quick", action="store_true", help="1 and 4 clients, one round, fewer requests")
+    ap.add_argument("--clients", help="numbers of concurrent clients, comma-separated (default 1,4,8,16; quick 1,4)")
+    ap.add_argument("--requests-per-client", type=int,
+                    help="requests per scenario and client with several clients (default 3, quick 2)")
+    ap.add_argument("--solo-requests", type=int, help="requests per scenario with one client (default 6, quick 3)")
     ap.add_argument("--max-seconds", type=float, default=180, help="time cap per scenario (default 180)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the scenarios (default 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds over the scenarios (default 2, quick 1)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the started server's --max-batch (default 16)")
+    ap.add_argument("--agreement", type=int, metavar="N",
+                    help="instead: N greedy requests alone vs in batches of 8, in process (see above)")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     ap.add_argument("--url", help="benchmark this loopback server instead of starting one")
     ap.add_argument("--out", default=str(harness.RESULTS))
     args = ap.parse_args(argv)
-    args.clients = args.clients or (4 if args.quick else 8)
-    args.requests = args.requests or (12 if args.quick else 32)
-    args.solo_requests = args.solo_requests or (4 if args.quick else 8)
+    args.client_counts = [int(c) for c in (args.clients or ("1,4" if args.quick else "1,4,8,16")).split(",")]
+    args.requests_per_client = args.requests_per_client or (2 if args.quick else 3)
+    args.solo_requests = args.solo_requests or (3 if args.quick else 6)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         ap.error("--url must be a loopback address (this benchmark never leaves the machine)")
     load_start = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.agreement:
+        return agreement(args.agreement, out)
 
     if args.url:
         scenarios = run_all(args.url.rstrip("/"), args)
     else:
         print("starting safedecode serve (embedded model)...", file=sys.stderr, flush=True)
         log = Path(tempfile.gettempdir()) / "safedecode-load-server.log"  # kept if the server fails
-        with running_server(log=log) as base:
+        with running_server("--max-batch", str(args.max_batch), log=log) as base:
             scenarios = run_all(base, args)
         log.unlink(missing_ok=True)
     report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "scenarios": scenarios,
@@ -217,6 +246,61 @@ def main(argv=None) -> int:
     harness.write_text(out / "load.md", render_markdown(report))
     print(render_markdown(report))
     return 0 if all(s["errors"] == 0 for s in scenarios) else 1
+
+
+def agreement(count: int, out: Path) -> int:
+    """``count`` distinct greedy requests (completions and chat, with and without ``secrets``,
+    prompts of different lengths), 16 tokens each, answered alone and then in batches of 8, in
+    process through the server's own preparation and :class:`~safedecode.server.worker.Batch`."""
+    import torch
+
+    torch.set_num_threads(1)
+    from safedecode.models import load_default_model
+    from safedecode.server.app import Server
+    from safedecode.server.schemas import ChatRequest, CompletionRequest
+    from safedecode.server.worker import Batch, Engine
+
+    model, tokenizer = load_default_model()
+    engine = Engine(model, tokenizer, max_queue=count, max_batch=8)
+    server = Server(engine, MODEL)
+
+    def job(i: int):
+        _, endpoint, policy = SCENARIOS[i % len(SCENARIOS)]
+        body = request_body(endpoint, policy, 1000 + 37 * i, 16)
+        body.update(stream=False, ignore_eos=False)
+        body.pop("stream_options")
+        filler = " Please." * (i % 5)  # prompts of different lengths: different padding in a batch
+        if endpoint == "chat":
+            body["messages"][0]["content"] += filler
+            return server.prepare_chat(ChatRequest(**body)).job
+        body["prompt"] += filler
+        return server.prepare_completion(CompletionRequest(**body)).job
+
+    def run(jobs):
+        done = {}
+        Batch(engine, jobs, lambda j, outcomes: done.__setitem__(id(j), outcomes[0].text)).generate()
+        return [done[id(j)] for j in jobs]
+
+    alone = [run([job(i)])[0] for i in tqdm(range(count), desc="alone", leave=False)]
+    together = []
+    for start in tqdm(range(0, count, 8), desc="batches of 8", leave=False):
+        together += run([job(i) for i in range(start, min(count, start + 8))])
+    engine.close()
+    differ = [i for i in range(count) if alone[i] != together[i]]
+    first_token = [i for i in differ if together[i][:1] != alone[i][:1]]
+    lines = ["# Greedy answers alone vs batched: `safedecode serve`'s embedded engine", "",
+             f"`benchmarks/load.py --agreement {count}` — {count} distinct greedy requests (the load scenarios' four "
+             f"kinds in turn, prompts of 5 lengths), 16 tokens, answered alone and then in left-padded batches of 8; "
+             f"embedded {MODEL} on CPU.", "",
+             f"**{count - len(differ)} of {count} identical**; {len(differ)} differ "
+             f"({len(first_token)} from the first character on).", ""]
+    for i in differ[:10]:
+        lines.append(f"* request {i}: alone {alone[i]!r} / batched {together[i]!r}")
+    harness.write_json(out / "load_agreement.json", {"count": count, "differ": differ, "alone": alone,
+                                                     "batched": together})
+    harness.write_text(out / "load_agreement.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":

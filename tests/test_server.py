@@ -356,9 +356,12 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server):
     requests = [_nonce_request(i) for i in range(16)]
     alone = [_ask(server, r) for r in requests]
     assert len(set(alone)) >= 12, alone  # the answers depend on the request, so a mix-up would show
+    before = httpx.get(server + "/health").json()
     with ThreadPoolExecutor(max_workers=16) as pool:
         together = list(pool.map(lambda r: _ask(server, r), requests))
     assert together == alone
+    health = httpx.get(server + "/health").json()  # they were batched: fewer generate calls than requests
+    assert health["batches"] - before["batches"] < 16 and health["max_batch_rows"] >= 2, health
 
 
 def _wait_until_cancelled(server: str, before: dict) -> dict:
