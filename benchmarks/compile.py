@@ -66,7 +66,7 @@ STAGES = [
     ("safedecode.policy.automaton", "sequence_dfa", "phrase/sequence DFA"),
     ("safedecode.policy.automaton", "to_bytes", "utf8 lowering"),
     ("safedecode.engine.compiled", "build_token_automaton", "token automaton"),
-    ("safedecode.engine.compiled", "_byte_classes", "byte classes"),
+    ("safedecode.engine.compiled", "byte_classes", "byte classes"),
     ("safedecode.engine.kernels", "pack_tables", "packing"),
 ]
 STAGE_ORDER = ["parse", "charsets", "nfa", "determinize", "phrase/sequence DFA", "utf8 lowering",

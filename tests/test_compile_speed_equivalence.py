@@ -161,3 +161,17 @@ def test_char_context_partitions_as_before(patterns, ignore_case):
     new = _CharContext(nodes).alphabet
     assert new.n_classes == old.n_classes
     assert np.array_equal(new.starts, old.starts) and np.array_equal(new.interval_class, old.interval_class)
+
+
+@given(st.integers(1, 60), st.integers(1, 12), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_byte_classes_merge_exactly_the_identical_columns(n_states, n_distinct, seed):
+    """``byte_classes``: two bytes share a class iff their columns of ``trans`` are equal (checked
+    against numpy's own column comparison), and each class's column is its bytes' column."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.integers(0, n_states, (n_states, n_distinct)).astype(np.int32)
+    trans = np.ascontiguousarray(distinct[:, rng.integers(0, n_distinct, 256)])
+    columns, class_of = token_automaton.byte_classes(trans)
+    assert np.array_equal(columns[:, class_of], trans)
+    same_column = (trans[:, :, None] == trans[:, None, :]).all(axis=0)
+    assert np.array_equal(class_of[:, None] == class_of[None, :], same_column)

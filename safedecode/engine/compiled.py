@@ -33,7 +33,7 @@ from ..policy.automaton import (
     compile_components,
 )
 from ..policy.rules import Policy
-from ..tokens.token_automaton import build_token_automaton, choose_layouts
+from ..tokens.token_automaton import build_token_automaton, byte_classes, choose_layouts
 from ..tokens.trie import build_trie
 from ..tokens.vocabulary import Vocabulary, vocabulary_of
 from ..version import __version__
@@ -176,7 +176,7 @@ def _compile(policy: Policy, vocabulary: Vocabulary, max_states: int, progress: 
     with _progress_bar(progress, "token automaton", "state") as report:
         for dfa, _ in components:
             tables = choose_layouts(build_token_automaton(dfa, trie, progress=report), len(trie.rank_to_id))
-            columns, byte_class = _byte_classes(dfa.trans)
+            columns, byte_class = byte_classes(dfa.trans)
             tables.update(shared, byte_class=byte_class, trans=columns, n_classes=[columns.shape[1]],
                           end_accept=dfa.end_accept, eos_blocked=dfa.eos_blocked_or_none()[tables["byte_state"]])
             all_tables.append(tables)
@@ -287,29 +287,6 @@ def flat_token_bytes(vocabulary: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(vocabulary.size + 1, dtype=np.int64)
     np.cumsum([len(b or b"") for b in vocabulary.token_bytes], out=offsets[1:])
     return np.frombuffer(b"".join(b or b"" for b in vocabulary.token_bytes), dtype=np.uint8), offsets
-
-
-def _byte_classes(trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge the bytes no state tells apart (regex-automata's byte classes).
-
-    Returns the distinct columns of ``trans`` and, per byte, its column. Columns are grouped by a
-    random-projection hash, then compared exactly, so a hash collision can never merge two bytes.
-    """
-    weights = np.random.default_rng(0).integers(1, 2**61, size=trans.shape[0], dtype=np.int64)
-    hashes = weights @ trans.astype(np.int64)  # wraps modulo 2**64: fine for a hash
-    byte_class = np.empty(256, dtype=np.int64)
-    representatives: list[int] = []
-    by_hash: dict[int, list[int]] = {}
-    for byte in range(256):
-        for cls in by_hash.get(int(hashes[byte]), []):
-            if np.array_equal(trans[:, representatives[cls]], trans[:, byte]):
-                byte_class[byte] = cls
-                break
-        else:
-            byte_class[byte] = len(representatives)
-            by_hash.setdefault(int(hashes[byte]), []).append(len(representatives))
-            representatives.append(byte)
-    return np.ascontiguousarray(trans[:, representatives]), byte_class
 
 
 def _load(directory: Path, key: str, policy: Policy, vocabulary: Vocabulary) -> Optional[CompiledPolicy]:

@@ -122,6 +122,15 @@ def _byte_class_map(trans):
     return class_of, first[:n_classes].copy()
 
 
+def byte_classes(trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the bytes no state of ``trans`` (states × 256) tells apart (regex-automata's byte
+    classes): returns ``(columns, class_of)``, the distinct columns of ``trans`` (states × classes,
+    contiguous, in order of each class's first byte) and, per byte, its class. Exact: two bytes share
+    a class iff their columns are identical."""
+    class_of, firsts = _byte_class_map(trans)
+    return np.ascontiguousarray(trans[:, firsts]), class_of
+
+
 @numba.njit(cache=True)
 def _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi, skip, max_depth, node_state,
              default_dest, seen, out_forb, out_override, out_new):
@@ -289,8 +298,7 @@ def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None, threshol
     n_ranks = len(trie.rank_to_id)
     # The walks read the DFA through its byte classes: rows of a few dozen columns instead of 256
     # (a tenth of the memory for phrase lists), and each trie node's byte as its class.
-    class_of, firsts = _byte_class_map(dfa.trans)
-    columns = np.ascontiguousarray(dfa.trans[:, firsts])
+    columns, class_of = byte_classes(dfa.trans)
     t = (class_of.astype(np.uint8)[trie.byte], trie.depth, trie.tok_lo, trie.tok_hi, trie.sub_hi, trie.skip,
          trie.max_depth)
     # A state becomes a reference when measuring it against the existing ones costs more than this.
