@@ -52,15 +52,23 @@ vllm-env: $(VLLM_VENV)/.installed
 test-vllm: vllm-env
 	NUMBA_CACHE_DIR=$(CURDIR)/.cache/numba-vllm $(VPY) -m pytest -q -p no:cacheprovider tests/real_vllm
 
-# Every figure of the README, in order: engine overhead and scale (peers side by side), telemetry
-# cost, the injection corpus, the red-team evaluation and the server load test (~1 h on 2 cores).
+# Every figure of the README, in order: engine overhead and scale (peers side by side, context-length
+# sweep), compile stages, structured outputs, the step and batch breakdowns, telemetry cost, the
+# injection corpus, the red-team evaluation and the server load test; then targets.py, which records
+# this run's figures in results/targets_history.json and renders every target met or missed, with
+# the peers' ratios, as results/targets.{md,png} (about 1.5 h on 2 cores).
 bench: env
 	$(PY) benchmarks/overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/scale.py $(SCALE_ARGS)
+	$(PY) benchmarks/compile.py --repeat 3
+	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/step_breakdown.py --json benchmarks/results/step_breakdown.json
+	$(PY) benchmarks/batch_breakdown.py --json benchmarks/results/batch_breakdown.json
 	$(PY) benchmarks/telemetry_cost.py
 	$(PY) benchmarks/injection.py
 	$(PY) benchmarks/redteam.py
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/targets.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache

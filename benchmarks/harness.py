@@ -482,3 +482,116 @@ def xgrammar_version() -> str:
         return importlib.metadata.version("xgrammar")
     except Exception:  # noqa: BLE001
         return "not installed"
+
+
+# ------------------------------------------------ structured outputs: the schemas of structured.py
+ADDRESS = {
+    "type": "object",
+    "properties": {
+        "street": {"type": "string"},
+        "city": {"type": "string"},
+        "postal_code": {"type": "string", "pattern": "^[0-9]{5}$"},
+        "country": {"type": "string", "enum": ["US", "CA", "GB", "DE", "FR"]},
+    },
+    "required": ["street", "city", "postal_code", "country"],
+    "additionalProperties": False,
+}
+
+PERSON = {
+    "title": "Person",
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 64},
+        "email": {"type": "string", "format": "email"},
+        "age": {"type": "integer"},
+        "phone": {"type": "string", "pattern": "^\\+[0-9]{7,15}$"},
+        **ADDRESS["properties"],
+    },
+    "required": ["name", "email", "age", "phone", "street", "city", "postal_code", "country"],
+    "additionalProperties": False,
+}
+
+ORDER = {
+    "title": "Order",
+    "type": "object",
+    "$defs": {"address": ADDRESS},
+    "properties": {
+        "order_id": {"type": "string", "pattern": "^ORD-[0-9]{6}$"},
+        "customer": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "email": {"type": "string", "format": "email"},
+                           "tier": {"type": "string", "enum": ["standard", "gold", "platinum"]}},
+            "required": ["name", "email", "tier"], "additionalProperties": False},
+        "items": {
+            "type": "array", "minItems": 1, "maxItems": 20,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                               "quantity": {"type": "integer"}, "unit_price": {"type": "number"},
+                               "category": {"type": "string", "enum": ["books", "electronics", "garden", "toys"]}},
+                "required": ["sku", "quantity", "unit_price", "category"], "additionalProperties": False}},
+        "shipping": {
+            "type": "object",
+            "properties": {"method": {"type": "string", "enum": ["standard", "express", "pickup"]},
+                           "address": {"$ref": "#/$defs/address"}},
+            "required": ["method", "address"], "additionalProperties": False},
+        "status": {"type": "string", "enum": ["pending", "paid", "shipped", "cancelled"]},
+        "gift": {"type": "boolean"},
+    },
+    "required": ["order_id", "customer", "items", "shipping", "status", "gift"],
+    "additionalProperties": False,
+}
+
+ISSUE_TOOL_CALL = {
+    "title": "create_issue call",
+    "type": "object",
+    "properties": {
+        "name": {"const": "create_issue"},
+        "arguments": {
+            "type": "object",
+            "properties": {
+                "repository": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,39}/[A-Za-z0-9_.-]{1,100}$"},
+                "title": {"type": "string", "minLength": 1, "maxLength": 120},
+                "body": {"type": "string"},
+                "labels": {"type": "array", "maxItems": 5,
+                           "items": {"type": "string",
+                                     "enum": ["bug", "enhancement", "documentation", "question", "good first issue"]}},
+                "assignee": {"anyOf": [{"type": "string", "pattern": "^[A-Za-z0-9-]{1,39}$"}, {"type": "null"}]},
+                "milestone": {"type": "integer"},
+                "due_on": {"type": "string", "format": "date"},
+            },
+            "required": ["repository", "title", "body"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "arguments"],
+    "additionalProperties": False,
+}
+
+# The walked documents: valid instances, spelled as json.dumps does (", " and ": "), which every
+# engine's whitespace rule accepts; only the escapes \" and \\ (all safedecode's grammar allows).
+# A \" escape sits in a string field WITHOUT maxLength (see PROBES: xgrammar refuses escapes in
+# strings that have a maxLength).
+DOCUMENTS = {
+    "person": {"name": "Ada Lovelace", "email": "ada.lovelace@example.org", "age": 36,
+               "phone": "+442079460958", "street": "12 \"Old\" St James's Square", "city": "London",
+               "postal_code": "10115", "country": "GB"},
+    "order": {"order_id": "ORD-004217",
+              "customer": {"name": "Grace Hopper", "email": "grace@navy.example.mil", "tier": "gold"},
+              "items": [{"sku": "BKS-0042", "quantity": 2, "unit_price": 39.95, "category": "books"},
+                        {"sku": "ELC-1337", "quantity": 1, "unit_price": 249.0, "category": "electronics"},
+                        {"sku": "GRD-0007", "quantity": 12, "unit_price": 3.5, "category": "garden"}],
+              "shipping": {"method": "express",
+                           "address": {"street": "1 Main Street", "city": "Arlington", "postal_code": "22201",
+                                       "country": "US"}},
+              "status": "paid", "gift": False},
+    "issue": {"name": "create_issue",
+              "arguments": {"repository": "acme-corp/safedecode",
+                            "title": "Tokenizer cache is rebuilt on every request",
+                            "body": "Steps: start the server, send two requests. The second one logs "
+                                    "\"building vocabulary\" again; expected it to be cached. Version 0.9.1.",
+                            "labels": ["bug", "good first issue"],
+                            "due_on": "2025-03-31"}},
+}
+
+SCHEMAS = {"person": PERSON, "order": ORDER, "issue": ISSUE_TOOL_CALL}

@@ -48,7 +48,7 @@ from harness import (REGEXES, REPO, SEED, clear_memory_cache, fmt_us, log, make_
                      make_script, prompt_ids, run_stream, run_with_cap, safedecode_compile, summary,
                      vocabulary_words, xgrammar_build)
 
-TARGETS = {"p50_us_large_vocab": 10.0, "us_per_row_b64": 1.0, "compile_s_10k_151k": 5.0,
+TARGETS = {"p50_us_large_vocab": 10.0, "us_per_row_b64": 2.0, "compile_s_10k_151k": 3.0,  # issue 14
            "table_mb_10k_151k": 64.0, "e2e_loss_pct": 1.0}
 VOCABS = {"smollm2": "SmolLM2 (49k)", "qwen2.5": "Qwen2.5 (151k)", "qwen3.6": "Qwen3.6 (248k)"}
 DEFAULT_POLICY_FILES = ["secrets.toml", "shell.toml", "profanity-wordlist.toml"]

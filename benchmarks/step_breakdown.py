@@ -43,8 +43,6 @@ import safedecode  # noqa: E402
 from safedecode.engine import kernels  # noqa: E402
 from safedecode.engine.device_mask import int_view  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import structured  # noqa: E402  (the schemas and documents)
 
 
 @numba.njit(cache=True)
@@ -140,11 +138,11 @@ def main() -> int:
     secrets = safedecode.load_policy("secrets")
     cases = []
     for name in [s for s in args.schemas.split(",") if s]:
-        otype = output_type(structured.SCHEMAS[name])
-        tokens = tok.encode(json.dumps(structured.DOCUMENTS[name]), add_special_tokens=False)
+        otype = output_type(harness.SCHEMAS[name])
+        tokens = tok.encode(json.dumps(harness.DOCUMENTS[name]), add_special_tokens=False)
         cases.append((f"{name}", otype.policy(None), tokens))
         cases.append((f"{name} + secrets", otype.policy(secrets), tokens))
-    tokens = tok.encode(json.dumps(structured.DOCUMENTS["person"]), add_special_tokens=False)
+    tokens = tok.encode(json.dumps(harness.DOCUMENTS["person"]), add_special_tokens=False)
     cases.append(("secrets (person document)", secrets, tokens))
     results = {"machine": harness.machine_info(1), "args": {k: str(v) for k, v in vars(args).items()}, "cases": []}
     # Reference fills.
