@@ -266,6 +266,21 @@ def test_validate_params_refuses_naming_the_problem(extra_args, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("extra_args", [{"safedecode": {"policy": "secrets"}}, {"safedecode_policy": "secrets"},
+                                        {"safedecode": {"response_format": {"type": "json_object"}}}])
+def test_vllms_own_structured_outputs_with_a_safedecode_config_is_refused(extra_args):
+    """vLLM's grammar would admit JSON escapes the raw-text rules cannot see: the combination is
+    refused by name; vLLM's structured outputs alone, or safedecode alone, pass."""
+    theirs = {"json": {"type": "object"}}
+    with pytest.raises(ValueError) as info:
+        SafeDecodeLogitsProcessor.validate_params(SamplingParams(extra_args, structured_outputs=theirs))
+    assert str(info.value).startswith("extra_args: safedecode with vLLM's own structured_outputs")
+    assert "response_format" in str(info.value)
+    SafeDecodeLogitsProcessor.validate_params(SamplingParams(None, structured_outputs=theirs))
+    SafeDecodeLogitsProcessor.validate_params(SamplingParams({"other_plugin": 1}, structured_outputs=theirs))
+    SafeDecodeLogitsProcessor.validate_params(SamplingParams(extra_args))
+
+
 # --- the device-mask helper -----------------------------------------------------------------------
 
 

@@ -77,13 +77,17 @@ from ..engine.device_mask import device_masks
 from ..engine.guide import Guide, mask_guides, step_guides
 from ..policy.rules import Policy, load_policy
 from .options import request_options
-from .wire import REQUEST_LIMITS, output_type_of, policy_parts
+from .wire import KEY as WIRE_KEY, REQUEST_LIMITS, output_type_of, policy_parts
 
 _log = logging.getLogger(__name__)
 
 #: Policies to compile when the engine starts (comma-separated names, e.g. ``secrets,exfil``), so that
 #: the first request naming one does not stall an engine step compiling it.
 PRECOMPILE_ENV = "SAFEDECODE_VLLM_PRECOMPILE"
+#: ``0`` turns off the warm-up: by default the plugin loads the model's tokenizer, its vocabulary and
+#: token trie and the kernels in the background when the engine starts, so that the first guarded
+#: request does not stall an engine step for them (~1 s on 2 CPU cores for a 49k vocabulary).
+WARMUP_ENV = "SAFEDECODE_VLLM_WARMUP"
 #: Model Runner V2: ``1`` keeps every guarded slot's automaton on the device (the default off the
 #: CPU), ``0`` reads the tokens on the host (the default on the CPU).
 DEVICE_AUTOMATON_ENV = "SAFEDECODE_DEVICE_AUTOMATON"
@@ -112,6 +116,10 @@ class _NoVLLM:
 
 
 _BASES = tuple(base for base in (_V1Base, _V2Base) if base is not None) or (_NoVLLM,)
+
+#: vLLM's own structured-output fields of ``SamplingParams`` (0.32: ``structured_outputs``; earlier
+#: releases: ``guided_decoding``). A request may not combine them with a safedecode config.
+_VLLM_STRUCTURED = ("structured_outputs", "guided_decoding")
 
 # A policy that compiles fast; a row that fails closed uses it in state -1 ("every id but EOS").
 _FAIL_CLOSED = Policy(forbid=[{"literal": "\x00", "id": "safedecode-fail-closed"}])
@@ -159,7 +167,17 @@ class SafeDecodeLogitsProcessor(*_BASES):
     def validate_params(cls, sampling_params) -> None:
         """Raise ``ValueError`` naming the problem if the request's safedecode config is invalid
         (including a guard's chat format and tool definitions)."""
-        options = request_options(getattr(sampling_params, "extra_args", None))
+        extra = getattr(sampling_params, "extra_args", None)
+        options = request_options(extra)
+        if any(isinstance(key, str) and key.startswith(WIRE_KEY) for key in (extra or {})):
+            theirs = [name for name in _VLLM_STRUCTURED if getattr(sampling_params, name, None) is not None]
+            if theirs:
+                raise ValueError(
+                    f"extra_args: safedecode with vLLM's own {theirs[0]} (response_format, guided decoding): "
+                    f"refused, vLLM's grammar admits JSON escapes (a forbidden text spelled \\u0041...) that "
+                    f"rules on the raw text cannot see, and the two masks can leave a row nothing but EOS; "
+                    f"send the schema as safedecode's response_format instead (extra_args "
+                    f"{{'safedecode': {{'response_format': ...}}}}), which enforces it and every rule in one automaton")
         if options.guard is not None:
             try:
                 if options.guard.chat_format:
@@ -197,14 +215,24 @@ class SafeDecodeLogitsProcessor(*_BASES):
         #: Policies compiled at start ($SAFEDECODE_VLLM_PRECOMPILE), by name; requests reuse them.
         self.precompiled: dict[str, Any] = {}
         names = [n.strip() for n in os.environ.get(PRECOMPILE_ENV, "").split(",") if n.strip()]
-        self._warmup = threading.Thread(target=self._precompile, args=(names,), daemon=True,
-                                        name="safedecode-precompile") if names else None
+        warm = os.environ.get(WARMUP_ENV, "1").strip() != "0"
+        self._warmup = threading.Thread(target=self._precompile, args=(names, warm), daemon=True,
+                                        name="safedecode-warmup") if names or warm else None
         if self._warmup is not None:
             self._warmup.start()
 
-    def _precompile(self, names: list) -> None:
-        """Load the tokenizer and compile ``names`` in the background (the engine keeps starting).
-        A name that fails is logged, never fatal: vLLM must start; a request naming it is refused."""
+    def _precompile(self, names: list, warm: bool = True) -> None:
+        """Load the tokenizer (its vocabulary, trie and the kernels, by compiling the fail-closed
+        policy) and compile ``names`` in the background (the engine keeps starting). Anything that
+        fails is logged, never fatal: vLLM must start; a request naming a bad policy is refused."""
+        if warm:
+            try:
+                start = time.perf_counter()
+                compile_policy(_FAIL_CLOSED, self.tokenizer)
+                _log.info("safedecode: tokenizer and kernels ready in %.1f s", time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001 - the first guarded request tries again and reports
+                _log.warning("safedecode: warm-up failed (the first guarded request will load the tokenizer): %s",
+                             exc)
         for name in names:
             try:
                 start = time.perf_counter()

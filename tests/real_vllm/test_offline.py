@@ -87,6 +87,16 @@ def test_a_bad_config_is_refused_with_safedecodes_message(llm, tokenizer):
             llm.generate([chat(tokenizer, "hi")], SamplingParams(max_tokens=4, extra_args=extra))
 
 
+def test_vllms_own_structured_outputs_beside_a_safedecode_config_are_refused(llm, tokenizer):
+    """vLLM's grammar admits JSON escapes the raw-text rules cannot see: refused at admission, by name."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(json={"type": "object"}),
+                            extra_args={"safedecode": {"policy": "secrets"}})
+    with pytest.raises(Exception, match="vLLM's own structured_outputs .*JSON escapes"):
+        llm.generate([chat(tokenizer, "hi")], params)
+
+
 def test_preemption_with_a_small_kv_cache(model_dir, tokenizer):
     """Many long guarded requests on a KV cache that holds only a few of them: vLLM preempts and
     resumes rows (recomputing them); each resumed row's guide starts over from its own output."""

@@ -77,3 +77,12 @@ def test_a_bad_config_is_a_400_with_safedecodes_message(client, xargs, needle):
     with pytest.raises(openai.BadRequestError, match=needle):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        extra_body={"vllm_xargs": xargs})
+
+
+def test_vllms_response_format_beside_a_safedecode_config_is_a_400(client):
+    """OpenAI's response_format becomes vLLM's structured_outputs: with a safedecode config, refused by
+    name (safedecode's own response_format is the way: one automaton with every rule)."""
+    with pytest.raises(openai.BadRequestError, match="JSON escapes"):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_object"},
+                                       extra_body={"vllm_xargs": {"safedecode": "secrets"}})

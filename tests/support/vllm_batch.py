@@ -31,6 +31,7 @@ class BatchUpdate:
 @dataclass
 class SamplingParams:
     extra_args: Optional[dict] = None
+    structured_outputs: Any = None  # vLLM's own structured-output request (None: none)
 
 
 @dataclass(eq=False)
