@@ -155,7 +155,7 @@ def int_view(scores: torch.Tensor):
     the value of -inf in it (float32 as is; float16, bfloat16 and float64 through a same-width
     integer view and the bit pattern of -inf) — or None (another device, a non-contiguous tensor
     or one that requires grad: :class:`DeviceMasks` masks those)."""
-    if scores.device.type != "cpu" or scores.requires_grad or not scores.is_contiguous():
+    if not scores.is_cpu or scores.requires_grad or not scores.is_contiguous():
         return None
     if scores.dtype == torch.float32:
         return scores.numpy(), _NEG_INF32
