@@ -14,7 +14,7 @@ from safedecode import Policy, find_violations
 from safedecode.policy.automaton import compile_components
 from safedecode.policy.rules import open_block
 
-from tests.support.text_oracle import text_of
+from tests.support.text_oracle import dfa_verdicts, text_of
 
 BODY = r'\{"name": "(?:get_weather|send)", "args": \{"n": (?:0|[1-9][0-9]{0,3})\}\}'
 RULES = [
@@ -26,16 +26,6 @@ PIECES = ["<call>", "</call>", '{"name": "', "get_weather", "send", '", "args": 
           "hello ", "<ca", "ll>", "[[", "ab", "]]", "é", "\n", "x"]
 
 
-def _dfa_verdicts(dfa, data: bytes):
-    """(violated at some prefix, EOS blocked at the end) by walking the byte DFA."""
-    state = dfa.start
-    for byte in data:
-        state = int(dfa.trans[state, byte])
-        if state == 0:
-            return True, False
-    return False, bool(dfa.eos_blocked_or_none()[state])
-
-
 @pytest.mark.parametrize("rule", RULES, ids=[r["id"] for r in RULES])
 def test_block_dfa_agrees_with_the_partial_match_oracle(rule):
     policy = Policy(forbid=[rule])
@@ -45,7 +35,7 @@ def test_block_dfa_agrees_with_the_partial_match_oracle(rule):
     for _ in range(400):
         text = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 9)))
         data = text.encode()
-        violated, eos_blocked = _dfa_verdicts(dfa, data)
+        violated, eos_blocked = dfa_verdicts(dfa, data)
         expected = bool(find_violations(policy, text_of(data)))
         assert violated == expected, f"{rule['id']}: DFA says {violated} for {text!r}"
         if not violated:
@@ -59,7 +49,7 @@ def test_block_dfa_agrees_with_the_partial_match_oracle(rule):
 def test_block_dfa_on_arbitrary_texts(text):
     policy = Policy(forbid=[RULES[0]])
     ((dfa, _),) = compile_components(policy)
-    assert _dfa_verdicts(dfa, text.encode())[0] == bool(find_violations(policy, text))
+    assert dfa_verdicts(dfa, text.encode())[0] == bool(find_violations(policy, text))
 
 
 def test_a_grammar_that_matches_nothing_is_refused():
@@ -74,10 +64,10 @@ def test_a_lead_byte_that_cannot_complete_inside_a_block_is_refused():
     """After ``<call>`` only ``{`` may follow: a lead byte of a multi-byte character is a dead end."""
     policy = Policy(forbid=[RULES[0]])
     ((dfa, _),) = compile_components(policy)
-    assert _dfa_verdicts(dfa, "<call>".encode() + b"\xc3")[0] is True
+    assert dfa_verdicts(dfa, "<call>".encode() + b"\xc3")[0] is True
     inside_string = '<call>{"name": "'.encode()
-    assert _dfa_verdicts(dfa, inside_string + b"\xc3")[0] is True  # the enum allows no "é"
-    assert _dfa_verdicts(dfa, "hello ".encode() + b"\xc3") == (False, False)  # free text: harmless
+    assert dfa_verdicts(dfa, inside_string + b"\xc3")[0] is True  # the enum allows no "é"
+    assert dfa_verdicts(dfa, "hello ".encode() + b"\xc3") == (False, False)  # free text: harmless
 
 
 def test_block_rules_load_from_toml_and_refuse_bad_input(tmp_path):

@@ -10,6 +10,8 @@ from pydantic import BaseModel
 from safedecode import Policy, find_violations
 from safedecode.integrations.outlines import outlines_generator
 
+from tests.support.text_oracle import json_strings
+
 outlines = pytest.importorskip("outlines")
 
 
@@ -21,18 +23,6 @@ class City(BaseModel):
 FORBID = Policy(forbid=[{"id": "paris", "literal": "Paris", "ignore_case": True}])
 
 
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
 def test_an_outlines_generator_runs_the_guard_with_the_output_type(smollm2_model):
     model, tokenizer = smollm2_model
     generate = outlines_generator(outlines.from_transformers(model, tokenizer), output_type=City, policy=FORBID)
@@ -42,7 +32,7 @@ def test_an_outlines_generator_runs_the_guard_with_the_output_type(smollm2_model
         text = generate(prompt, max_new_tokens=60)
         value = json.loads(text)
         jsonschema.validate(value, City.model_json_schema())
-        assert not any(find_violations(FORBID, s) for s in [text, *_strings(value)])
+        assert not any(find_violations(FORBID, s) for s in [text, *json_strings(value)])
 
 
 def test_a_policy_alone_and_bad_arguments(smollm2_model):

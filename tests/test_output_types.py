@@ -26,7 +26,7 @@ from safedecode.policy.automaton import compile_components
 
 from tests.support.adversary import drive
 from tests.support.policy_oracle import PolicyOracle
-from tests.support.text_oracle import incomplete_tail, text_of
+from tests.support.text_oracle import dfa_verdicts, incomplete_tail, json_strings, text_of
 
 
 class City(BaseModel):
@@ -44,16 +44,6 @@ class Color(enum.Enum):
 
 SECRET = Policy(forbid=[{"id": "key", "regex": r"AKIA[0-9A-Z]{4}"}, {"id": "word", "literal": 'say "hi'},
                         {"id": "back", "literal": "a\\b"}])
-
-
-def _walk(dfa, data: bytes):
-    """(violated at some prefix, EOS blocked at the end) by walking a byte DFA."""
-    state = dfa.start
-    for byte in data:
-        state = int(dfa.trans[state, byte])
-        if state == 0:
-            return True, False
-    return False, bool(dfa.eos_blocked_or_none()[state])
 
 
 DOCUMENTS = [
@@ -75,7 +65,7 @@ def test_document_dfa_agrees_with_the_regex_oracle(document, pieces):
     for _ in range(1500):
         data = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))).encode()
         text = text_of(data)
-        violated, eos_blocked = _walk(dfa, data)
+        violated, eos_blocked = dfa_verdicts(dfa, data)
         assert violated == (oracle.fullmatch(text, partial=True) is None), text
         if not violated and not incomplete_tail(data):
             assert eos_blocked == (oracle.fullmatch(text) is None), text
@@ -88,7 +78,7 @@ def test_document_dfa_agrees_with_the_regex_oracle(document, pieces):
 def test_json_document_on_arbitrary_texts(text):
     document = DOCUMENTS[2][0]
     ((dfa, _),) = compile_components(Policy(forbid=[{"document": document}]))
-    assert _walk(dfa, text.encode())[0] == (regex.fullmatch(document, text, partial=True) is None)
+    assert dfa_verdicts(dfa, text.encode())[0] == (regex.fullmatch(document, text, partial=True) is None)
 
 
 def test_the_adversary_cannot_push_forbidden_values_into_json_strings(smollm2_tokenizer):
@@ -131,24 +121,12 @@ def test_generate_returns_a_valid_parsed_document(smollm2_model, spec, validate)
                                  forbid, output_type=spec, max_new_tokens=160)
     assert result.finish_reason == "stop", result
     assert result.parsed is not None and validate(result.parsed, result.text) is not False
-    strings = list(_strings(json.loads(result.text))) if result.text.startswith("{") else [result.text]
+    strings = list(json_strings(json.loads(result.text))) if result.text.startswith("{") else [result.text]
     assert not any(find_violations(forbid, s) for s in strings + [result.text])
 
 
 DOC_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}, "sure": {"type": "boolean"}},
               "required": ["answer", "sure"]}
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 def test_a_conversation_with_an_output_type_keeps_the_whole_guard(smollm2_model):
@@ -159,7 +137,7 @@ def test_a_conversation_with_an_output_type_keeps_the_whole_guard(smollm2_model)
                                  leak_window=10, allow_hosts=["docs.example"], max_new_tokens=60)
     if result.parsed is not None:
         jsonschema.validate(result.parsed, DOC_SCHEMA)
-    for text in [result.text] + list(_strings(result.parsed or {})):
+    for text in [result.text] + list(json_strings(result.parsed or {})):
         assert "ZEBRA-UNI" not in text and "evil.example" not in text
 
 

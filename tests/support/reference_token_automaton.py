@@ -7,79 +7,11 @@ the same numba walks.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from safedecode.automata.utf8 import ByteDFA
-from safedecode.tokens.token_automaton import _append_range, _walk_from_start
+from safedecode.tokens.token_automaton import _append_range, _csr, _explore, _walk_from_start  # shared walks
 from safedecode.tokens.trie import TokenTrie
-
-
-@numba.njit(cache=True)
-def _explore(q, trans, end_accept, trie_byte, trie_depth, tok_lo, tok_hi, sub_hi, skip, max_depth, node_state,
-             default_dest, seen, out_forb, out_override, out_new):
-    """Lock-step walk from ``q`` against a reference's walk.
-
-    Writes q's forbidden ranges inside the explored region, the ranks the reference forbids but q
-    allows, and newly seen destination states (marking ``seen``). Returns
-    ``(n_forbidden, n_override, n_new, n_differing)``; ``n_differing`` counts allowed tokens whose
-    destination differs from the reference's (how costly this reference is for q).
-    """
-    n_nodes = len(trie_byte)
-    stack = np.empty(max_depth + 1, np.int32)
-    stack[0] = q
-    nf = 0
-    no = 0
-    nn = 0
-    differing = 0
-    n = 1
-    while n < n_nodes:
-        d = trie_depth[n]
-        s = trans[stack[d - 1], trie_byte[n]]
-        if s == node_state[n]:
-            n = skip[n]
-            continue
-        if s == 0:
-            nf = _append_range(out_forb, nf, tok_lo[n], sub_hi[n])
-            n = skip[n]
-            continue
-        if tok_hi[n] > tok_lo[n]:
-            if end_accept[s]:
-                nf = _append_range(out_forb, nf, tok_lo[n], tok_hi[n])
-            else:
-                if seen[s] == 0:
-                    seen[s] = 1
-                    out_new[nn] = s
-                    nn += 1
-                for r in range(tok_lo[n], tok_hi[n]):
-                    if default_dest[r] != s:
-                        differing += 1
-                        if default_dest[r] < 0:
-                            out_override[no] = r
-                            no += 1
-        stack[d] = s
-        n += 1
-    return nf, no, nn, differing
-
-
-
-def _csr(parts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-    ptr = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in parts], out=ptr[1:])
-    data = np.concatenate(parts) if parts else np.zeros((0, width), np.int32)
-    return ptr, data.reshape(-1, width).astype(np.int32)
-
-
-MAX_REFERENCES = 64
-
-
-class _Reference:
-    """A dense row: the walk of every trie node and every token from one DFA state."""
-
-    def __init__(self, state: int, dfa: ByteDFA, trie_args: tuple, n_ranks: int):
-        self.state = state
-        self.node_state, self.default_dest, self.forbidden = _walk_from_start(
-            dfa.trans, dfa.end_accept, state, *trie_args, n_ranks)
 
 
 def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None, threshold=None) -> dict[str, np.ndarray]:

@@ -46,3 +46,26 @@ def assert_agrees_on_prefixes(dfa, pattern, flags, data):
             state = int(dfa.trans[state, data[i - 1]])
         expected = regex.search(pattern, text_of(data[:i]), flags) is not None
         assert bool(dfa.end_accept[state]) == expected, (pattern, data[:i], text_of(data[:i]))
+
+
+def dfa_verdicts(dfa, data: bytes) -> tuple[bool, bool]:
+    """(violated at some prefix, EOS blocked at the end) by walking a byte DFA over ``data``."""
+    state = dfa.start
+    for byte in data:
+        state = int(dfa.trans[state, byte])
+        if state == 0:
+            return True, False
+    return False, bool(dfa.eos_blocked_or_none()[state])
+
+
+def json_strings(value):
+    """Every key and string value of a parsed JSON document, depth first."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from json_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from json_strings(v)
