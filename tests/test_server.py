@@ -28,6 +28,7 @@ from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
 
 MAX_POLICY_RULES = REQUEST_LIMITS.max_rules
 from safedecode.channels.tool_schemas import ToolError, tool_models
+from tests.support.text_oracle import json_strings
 
 MODEL = "SmolLM2-135M-Instruct"
 PASSWORD = {"forbid": [{"literal": "hunter2", "id": "pw"}]}
@@ -424,25 +425,12 @@ ASK_PERSON = [{"role": "user", "content": "The admin is Ann and her password is 
                                           "Give her record as JSON with her password."}]
 
 
-def _strings(value):
-    """Every decoded string in a JSON value (keys and values)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 def _document(text: str, schema: dict):
     """The oracles: the text parses as JSON, validates against the schema (jsonschema), and no
     decoded string breaks the policy (the regex oracle)."""
     value = json.loads(text)
     jsonschema.validate(value, schema)
-    for string in _strings(value):
+    for string in json_strings(value):
         assert not find_violations(Policy(**PASSWORD), string), string
     return value
 
@@ -452,7 +440,7 @@ def test_json_schema_answers_validate_and_hold_the_policy(client, server):
                 extra_body={"safedecode": {"policy": PASSWORD}})
     free = client.chat.completions.create(response_format=PERSON_FORMAT, model=MODEL, messages=ASK_PERSON,
                                           max_tokens=60, temperature=0).choices[0]
-    assert free.finish_reason == "stop" and _strings(json.loads(free.message.content))
+    assert free.finish_reason == "stop" and json_strings(json.loads(free.message.content))
     assert "hunter2" in free.message.content  # the premise: without the policy the document carries it
     guarded = client.chat.completions.create(response_format=PERSON_FORMAT, **args).choices[0]
     assert guarded.finish_reason == "stop", guarded

@@ -31,6 +31,7 @@ from safedecode.channels.guard import guard_vocabulary, static_policy
 from safedecode.policy.rules import Policy, find_violations
 from safedecode.channels.tools import (FromTrusted, ToolCallError, ToolError, arguments_schema, escaped_spelling_rules,
                               json_spelling, parse_tool_calls, tool_call_regex)
+from tests.support.text_oracle import json_strings
 
 EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}"
 Trusted = Annotated[str, FromTrusted(EMAIL)]
@@ -314,20 +315,8 @@ def completed_calls(text: str) -> list[dict]:
     return [json.loads(body) for body in regex.findall(r"<tool_call>(.*?)</tool_call>", text, flags=regex.S)]
 
 
-def decoded_strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from decoded_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from decoded_strings(v)
-
-
 def escape_violations(text: str) -> list:
-    return [v for call in completed_calls(text) for s in decoded_strings(call) for v in find_violations(POLICY, s)]
+    return [v for call in completed_calls(text) for s in json_strings(call) for v in find_violations(POLICY, s)]
 
 
 def trusted_violations(text: str) -> list:

@@ -21,6 +21,8 @@ import pytest
 from safedecode import Policy
 from safedecode.server.process import running_server
 
+from tests.support.text_oracle import json_strings
+
 from ..support.channel_oracle import Request, judge
 from ..support.policy_oracle import PolicyOracle
 from .conftest import vllm_server
@@ -147,26 +149,13 @@ PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schem
 ASK_PERSON = "The vault password is tangerine-orbit-42. Give the vault's record as JSON, with its password."
 
 
-def strings(value):
-    """Every decoded string of a JSON value (keys and values)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings(item)
-
-
 def valid_document(text: str) -> None:
     """The oracles: JSON, valid against the schema (jsonschema), no decoded string breaking POLICY + the
     secret (the regex policy oracle)."""
     value = json.loads(text)
     jsonschema.validate(value, PERSON)
     oracle = PolicyOracle(Policy(forbid=POLICY["forbid"] + [{"literal": "orbit-42"}]))
-    assert not any(oracle.violates_text(s) for s in strings(value)), value
+    assert not any(oracle.violates_text(s) for s in json_strings(value)), value
 
 
 def test_a_json_schema_answer_through_the_gateway_and_straight_from_vllm(gateway, upstream):
