@@ -27,6 +27,17 @@ CONFIGS = {0: {"policy": {"forbid": [{"literal": "hunter2", "id": "pw"}]}},
            3: "secrets"}
 
 
+def logits_context(rows, slots, pos, fed):
+    """vLLM's own V2 ``LogitsContext`` for one step: logits row -> slot, the step's slots, each row's
+    position and the token fed there (the sampled one, or a draft)."""
+    return LogitsContext(expanded_idx_mapping=torch.tensor(rows, dtype=torch.int32),
+                         idx_mapping=torch.tensor(slots, dtype=torch.int32),
+                         idx_mapping_np=np.array(slots, dtype=np.int32),
+                         expanded_local_pos=torch.zeros(len(rows), dtype=torch.int32),
+                         input_ids=torch.tensor(fed, dtype=torch.int64), pos=torch.tensor(pos, dtype=torch.int64),
+                         seq_lens_upper_bound_np=np.array([p + 1 for p in pos], dtype=np.int32))
+
+
 def test_vllm_loads_the_plugin_for_the_v2_runner_and_validates_with_it():
     classes = loader._load_v2_logitsprocs_plugins()  # every installed plugin, as `vllm serve` does
     assert SafeDecodeLogitsProcessor in classes
@@ -94,12 +105,7 @@ def test_masks_follow_slots_drafts_and_preemption(v2, tokenizer):
             for k, draft in enumerate(drafts):  # speculative rows: the drafts are only in input_ids
                 rows.append(slot), pos.append(total + k), fed.append(draft)
                 visible.append(outputs[slot] + drafts[:k + 1])
-        ctx = LogitsContext(expanded_idx_mapping=torch.tensor(rows, dtype=torch.int32),
-                            idx_mapping=torch.tensor(slots, dtype=torch.int32),
-                            idx_mapping_np=np.array(slots, dtype=np.int32),
-                            expanded_local_pos=torch.zeros(len(rows), dtype=torch.int32),
-                            input_ids=torch.tensor(fed, dtype=torch.int64), pos=torch.tensor(pos, dtype=torch.int64),
-                            seq_lens_upper_bound_np=np.array([p + 1 for p in pos], dtype=np.int32))
+        ctx = logits_context(rows, slots, pos, fed)
         logits = torch.randn(len(rows), width, generator=torch.Generator().manual_seed(step))
         before = logits.clone()
         plugin.apply_staged_writes()
@@ -186,12 +192,7 @@ def test_device_automaton_masks_equal_the_host_path_step_by_step(v2_both, tokeni
             for k, draft in enumerate(drafts):
                 rows.append(slot), pos.append(total + k), fed.append(draft)
                 visible.append(outputs[slot] + drafts[:k + 1])
-        ctx = LogitsContext(expanded_idx_mapping=torch.tensor(rows, dtype=torch.int32),
-                            idx_mapping=torch.tensor(slots, dtype=torch.int32),
-                            idx_mapping_np=np.array(slots, dtype=np.int32),
-                            expanded_local_pos=torch.zeros(len(rows), dtype=torch.int32),
-                            input_ids=torch.tensor(fed, dtype=torch.int64), pos=torch.tensor(pos, dtype=torch.int64),
-                            seq_lens_upper_bound_np=np.array([p + 1 for p in pos], dtype=np.int32))
+        ctx = logits_context(rows, slots, pos, fed)
         logits = torch.randn(len(rows), width, generator=torch.Generator().manual_seed(step))
         if step % 7 == 3:  # a row another processor left with only forbidden ids: EOS comes back
             logits[0] = float("-inf")
@@ -231,11 +232,7 @@ def test_device_automaton_fails_closed_past_its_bound(v2_both, tokenizer):
     assert len(output) > device._lookahead
     states.all_token_ids.gpu[0, len(prompt):len(prompt) + len(output)] = torch.tensor(output)
     states.total_len.gpu[0] = len(prompt) + len(output)
-    ctx = LogitsContext(expanded_idx_mapping=torch.tensor([0], dtype=torch.int32),
-                        idx_mapping=torch.tensor([0], dtype=torch.int32), idx_mapping_np=np.array([0], np.int32),
-                        expanded_local_pos=torch.zeros(1, dtype=torch.int32),
-                        input_ids=torch.tensor([output[-1]]), pos=torch.tensor([len(prompt) + len(output) - 1]),
-                        seq_lens_upper_bound_np=np.array([len(prompt) + len(output)], np.int32))
+    ctx = logits_context([0], [0], [len(prompt) + len(output) - 1], [output[-1]])
     logits = torch.randn(1, width)
     device.apply_staged_writes()
     device.apply(logits, ctx)
