@@ -5,8 +5,8 @@ the other benchmarks wrote, over every run recorded.
     .venv/bin/python benchmarks/targets.py            # run last by `make bench`
     .venv/bin/python benchmarks/targets.py --render   # re-render targets.md/png from the history only
 
-It reads ``benchmarks/results/{overhead,scale,context,compile,load,structured}.json`` (whatever is
-there), takes one figure per target from them, and appends that snapshot to
+It reads ``benchmarks/results/{overhead,scale,context,compile,load,structured,vllm_overhead}.json``
+(whatever is there; ``vllm_overhead.py`` runs in the vLLM environment, outside ``make bench``), takes one figure per target from them, and appends that snapshot to
 ``results/targets_history.json`` (a snapshot equal to the last one — the same result files read
 twice — is not appended again). ``results/targets.md`` then gives, per target, the range over all
 recorded runs, the latest value, met / missed (met only if every run met it), the peers' ratios
@@ -101,6 +101,8 @@ TARGETS = [
      "the model: SmolLM2's batched forward on one CPU thread costs 2.1× a single row's at 8 rows"),
     ("server_p50_8", "server: p50 latency at 8 clients / at 1 (secrets)", "<=", 2.0, "×",
      "the same batched forward; no continuous batching (a batch runs to its end)"),
+    ("vllm_apply_4", "vLLM plugin `apply`, 4 guarded rows (secrets.toml, CPU, p50)", "<=", 30.0, "µs",
+     "per-row Python bookkeeping (~2 µs/row) around one numba call"),
     ("structured_p50", "JSON schema step p50 (person schema, with secrets.toml)", None, None, "µs", "—"),
 ]
 PEERS = ["TemperatureLogitsWarper", "NoBadWords", "llguidance", "xgrammar", "outlines-core"]
@@ -108,8 +110,8 @@ PEERS = ["TemperatureLogitsWarper", "NoBadWords", "llguidance", "xgrammar", "out
 
 def figures(out: Path) -> dict:
     """One value per target (None: not measured), and per target the peers' ratios."""
-    overhead, scale, context, compile_, load, structured = (
-        _load(out, n) for n in ("overhead", "scale", "context", "compile", "load", "structured"))
+    overhead, scale, context, compile_, load, structured, vllm = (
+        _load(out, n) for n in ("overhead", "scale", "context", "compile", "load", "structured", "vllm_overhead"))
     values, ratios = {}, {}
 
     ctx = (scale or {}).get("context") or (context or {}).get("context") or {}  # make bench: scale.py
@@ -160,6 +162,10 @@ def figures(out: Path) -> dict:
     if one and eight:
         values["server_rps_8"] = eight["requests_per_s"] / one["requests_per_s"]
         values["server_p50_8"] = eight["p50_s"] / one["p50_s"]
+
+    for a in (vllm or {}).get("apply", []):
+        if a["rows"] == 4 and a["states"] == "distinct":
+            values["vllm_apply_4"] = a["apply_p50_us"]
 
     for case in (structured or {}).get("cases", []):
         if case["schema"] == "person" and case["policy"] == "secrets":
