@@ -28,6 +28,7 @@ from safedecode.server.schemas import MAX_BODY_BYTES, ChatMessage, ToolDef
 
 MAX_POLICY_RULES = REQUEST_LIMITS.max_rules
 from safedecode.channels.tool_schemas import ToolError, tool_models
+from tests.support.policy_oracle import forbidden_alternatives
 from tests.support.text_oracle import json_strings
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -499,20 +500,8 @@ def test_logprobs_are_of_the_guarded_distribution(client):
         assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
         return choice.logprobs.content
 
-    def forbidden_alternatives(content) -> int:
-        count, prefix = 0, b""
-        for step in content:
-            assert step.top_logprobs and step.logprob > float("-inf")
-            assert sum(2.718281828459045 ** t.logprob for t in step.top_logprobs) <= 1.0 + 1e-4
-            for alternative in step.top_logprobs:
-                assert alternative.logprob > float("-inf")
-                text = (prefix + bytes(alternative.bytes)).decode("utf-8", errors="replace")
-                count += bool(find_violations(policy, text))
-            prefix += bytes(step.bytes)
-        return count
-
-    assert forbidden_alternatives(steps({})) > 0  # unguarded: the model ranks the secret high
-    assert forbidden_alternatives(steps({"extra_body": {"safedecode": {"policy": PASSWORD}}})) == 0
+    assert forbidden_alternatives(policy, steps({})) > 0  # unguarded: the model ranks the secret high
+    assert forbidden_alternatives(policy, steps({"extra_body": {"safedecode": {"policy": PASSWORD}}})) == 0
     text = client.completions.create(model=MODEL, prompt="The password is hunter", max_tokens=3, temperature=0,
                                      logprobs=5, extra_body={"safedecode": {"policy": PASSWORD}}).choices[0]
     assert len(text.logprobs.tokens) == len(text.logprobs.top_logprobs) <= 3

@@ -44,10 +44,20 @@ class FakeVllm:
     """A stand-in vLLM OpenAI server: answers every completion with ``script`` (text, then EOS),
     or with ``fail`` (an ``httpx.Response`` or an exception to raise)."""
 
-    def __init__(self, tokenizer, plugin: bool = True):
+    def __init__(self, tokenizer, plugin: bool = True, logprobs_mode: str = "raw"):
         self.tokenizer, self.plugin = tokenizer, plugin
         self.script, self.fail, self.sent = "Hello there.", None, []
+        #: "raw" (vLLM's default: the model's distribution), "processed" (after the logits
+        #: processors: a masked id at vLLM's floor -9999) or "lying" (processed at the probe, then a
+        #: masked control token with a finite logprob).
+        self.logprobs_mode = logprobs_mode
         self.transport = httpx.MockTransport(self.handle)
+
+    def top(self, token: int, probe: bool) -> dict:
+        """The top_logprobs entry of one token: the token itself and the control token <|im_start|>
+        (id 1, which every guard masks), at -9999 when the logits processors ran."""
+        masked = -9999.0 if self.logprobs_mode == "processed" or (probe and self.logprobs_mode == "lying") else -2.0
+        return {f"token_id:{token}": -0.25, "token_id:1": masked}
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content or b"{}")
@@ -64,8 +74,11 @@ class FakeVllm:
             except ValueError as exc:
                 return httpx.Response(400, json={"error": {"message": str(exc), "type": "BadRequestError",
                                                            "code": 400}})
-        if not body.get("stream"):  # the start-up probe without a plugin
-            return httpx.Response(200, json={"choices": [{"text": "x", "token_ids": [87]}]})
+        if not body.get("stream"):  # the start-up probes
+            token = self.tokenizer.eos_token_id if "logprobs" in body and self.logprobs_mode != "raw" else 87
+            logprobs = {"tokens": [f"token_id:{token}"], "token_logprobs": [-0.25],
+                        "top_logprobs": [self.top(token, probe=True)]} if "logprobs" in body else None
+            return httpx.Response(200, json={"choices": [{"text": "x", "token_ids": [token], "logprobs": logprobs}]})
         self.sent.append(body)
         if isinstance(self.fail, Exception):
             raise self.fail
@@ -77,6 +90,9 @@ class FakeVllm:
             ids = self.tokenizer(script, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             ids = ids[:body["max_tokens"]]
             lines += [{"choices": [{"index": index, "text": "?", "token_ids": [token],
+                                    "logprobs": {"tokens": [f"token_id:{token}"], "token_logprobs": [-0.25],
+                                                 "top_logprobs": [self.top(token, probe=False)]}
+                                    if body.get("logprobs") is not None else None,
                                     "finish_reason": ("stop" if token == self.tokenizer.eos_token_id else "length")
                                     if i == len(ids) - 1 else None}]} for i, token in enumerate(ids)]
         text = "".join(f"data: {json.dumps(line)}\n\n" for line in lines) + "data: [DONE]\n\n"
@@ -356,7 +372,7 @@ def test_n_choices_each_checked_with_their_own_guard_copy(server, fake):
 
 
 def test_the_gateway_refuses_what_it_cannot_honour(server, fake):
-    for extra, needle in [({"logprobs": True}, "logprobs: not available behind --upstream"),
+    for extra, needle in [({"logprobs": True}, "start vLLM with --logprobs-mode processed_logprobs"),
                           ({"n": 2, "stream": True}, "n=2 with stream"),
                           ({"response_format": JSON_SCHEMA, "tools": TOOLS}, "response_format with tools"),
                           ({"response_format": {"type": "json_schema", "json_schema": {
@@ -382,3 +398,29 @@ def test_the_plugin_refuses_a_bad_response_format_with_safedecodes_message():
                             ({"response_format": {"type": "json_schema"}}, "'json_schema' is required")]:
         with pytest.raises(ValueError, match=re.escape(needle)):
             SafeDecodeLogitsProcessor.validate_params(params(options))
+
+
+@pytest.mark.parametrize("mode", ["processed", "lying"])
+def test_guarded_logprobs_from_an_upstream_that_processes_them(tokenizer, mode):
+    """An upstream with --logprobs-mode processed_logprobs (found by the start-up probe): logprobs are
+    honoured, a masked alternative at vLLM's floor is dropped; one reported finite is a 502."""
+    fake = FakeVllm(tokenizer, logprobs_mode=mode)
+    engine = UpstreamEngine.connect(URL, "default", transport=fake.transport, timeout=30)
+    assert engine.guarded_logprobs
+    server = Server(engine, engine.model_name, Policy(forbid=[{"literal": "hunter2", "id": "pw"}]))
+    response = chat(server, fake, "Hello there.", logprobs=True, top_logprobs=3)
+    if mode == "lying":
+        assert response.status_code == 502 and "finite logprob for token 1" in response.json()["error"]["message"]
+        return
+    assert response.status_code == 200, response.text
+    assert fake.sent[-1]["logprobs"] == 3 and fake.sent[-1]["return_tokens_as_token_ids"] is True
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    assert "".join(step["token"] for step in content) == "Hello there."
+    for step in content:
+        assert step["logprob"] == -0.25
+        assert [alt["logprob"] for alt in step["top_logprobs"]] == [-0.25]  # <|im_start|> dropped
+
+
+def test_a_raw_upstream_is_found_by_the_probe(tokenizer):
+    engine = UpstreamEngine.connect(URL, "default", transport=FakeVllm(tokenizer).transport, timeout=30)
+    assert not engine.guarded_logprobs

@@ -180,10 +180,11 @@ class Server:
             raise ApiError(400, f"n={body.n} with stream: streaming answers one choice; ask without stream, or n=1")
         if body.stream and body.logprobs is not None and body.logprobs is not False:
             raise ApiError(400, "logprobs with stream: logprobs come with non-streamed answers only")
-        if self.engine.remote and body.logprobs is not None and body.logprobs is not False:
-            raise ApiError(400, "logprobs: not available behind --upstream (vLLM reports the raw model distribution "
-                                "by default, where a token the guard masks still has a finite logprob; the "
-                                "embedded engine reports the guarded distribution)")
+        if self.engine.remote and not self.engine.guarded_logprobs and body.logprobs is not None \
+                and body.logprobs is not False:
+            raise ApiError(400, "logprobs: the upstream vLLM reports the raw model distribution (its default "
+                                "--logprobs-mode raw_logprobs), where a token the guard masks still has a finite "
+                                "logprob; start vLLM with --logprobs-mode processed_logprobs to get the guarded one")
         if options.guard is not None:
             raise ApiError(400, "safedecode.guard: the server builds the conversation's guard itself; the guard "
                                 "object is for engines that receive token ids (the vLLM plugin)")

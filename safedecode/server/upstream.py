@@ -16,7 +16,13 @@ guard as ``Conversation.guard``. vLLM streams the token ids back (``return_token
 At start (:meth:`UpstreamEngine.connect`) the gateway reads the served model and its context
 length from ``/v1/models``, loads the tokenizer locally (``--model``, or the local directory vLLM
 reports; never downloads), checks that vLLM tokenizes a probe text to the same ids (``/tokenize``),
-and that a request with an invalid safedecode config is refused (the plugin is loaded). Upstream
+that a request with an invalid safedecode config is refused (the plugin is loaded), and whether vLLM
+reports logprobs after the logits processors (``--logprobs-mode processed_logprobs``): one token
+under a guard that leaves nothing but EOS, with its top logprobs — a text token with a finite
+logprob there means raw logprobs, and the gateway then refuses ``logprobs`` with 400 saying so.
+With guarded logprobs, each token's alternatives are checked against the gateway's guard like the
+tokens: a masked one reported with a finite logprob ends the request with 502; masked ones at
+vLLM's floor (-9999) are dropped, as they have probability 0. Upstream
 failures answer 502 (unreachable, an error, a forbidden token) or 504 (no answer within the
 timeout), naming the upstream; vLLM's own 400 (safedecode's message) is passed on as 400.
 """
@@ -34,6 +40,10 @@ from .worker import EngineBase, Job, Outcome
 PROBE_TEXT = "Hello, world! Café <|im_start|> 日本語 🙂 x = 42"
 #: A config the plugin must refuse (an unknown key): a 200 means no plugin guards the upstream.
 PROBE_CONFIG = json.dumps({"policy_probe": "safedecode gateway start-up check"})
+#: A guard that forbids every character: only EOS is left (the logprobs probe).
+NOTHING_BUT_EOS = json.dumps({"policy": {"forbid": [{"regex": "[\\s\\S]", "id": "logprobs-probe"}]}})
+#: What vLLM's OpenAI server reports for a logprob of -inf (it clamps them to this).
+MASKED_LOGPROB = -9999.0
 
 
 class UpstreamError(SafeDecodeError):
@@ -77,6 +87,7 @@ class UpstreamEngine(EngineBase):
                      transport)
         engine._check_tokenizer()
         engine._check_plugin()
+        engine.guarded_logprobs = engine._probe_logprobs()
         return engine
 
     def _check_tokenizer(self) -> None:
@@ -99,6 +110,22 @@ class UpstreamEngine(EngineBase):
             raise
         raise UpstreamError(502, f"upstream {self.url} accepted an invalid safedecode config: the safedecode vLLM "
                                  f"plugin is not loaded there (install safedecode in vLLM's environment)")
+
+    def _probe_logprobs(self) -> bool:
+        """Whether vLLM reports logprobs after the logits processors (module docstring)."""
+        body = {"model": self.model_name, "prompt": self.tokenizer("Hi")["input_ids"], "max_tokens": 1,
+                "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
+                "vllm_xargs": {"safedecode": NOTHING_BUT_EOS}}
+        answer = _sync_call(self.url, "POST", "/v1/completions", body, self.timeout, self.transport)
+        choices = answer.get("choices") or [{}]
+        tops = (choices[0].get("logprobs") or {}).get("top_logprobs") or [None]
+        top = tops[0] or {}
+        from ..tokens.vocabulary import vocabulary_of
+
+        eos = set(vocabulary_of(self.tokenizer).eos_ids)
+        if not top:
+            raise UpstreamError(502, f"upstream {self.url} answered the logprobs probe without logprobs")
+        return all(_token_id(key, self.url) in eos or value <= MASKED_LOGPROB for key, value in top.items())
 
     # -- the engine interface ------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -150,6 +177,8 @@ class UpstreamEngine(EngineBase):
             body["n"] = job.n
         if job.seed is not None:
             body["seed"] = job.seed
+        if job.logprobs is not None:  # (the server refuses logprobs unless they are guarded)
+            body["logprobs"], body["return_tokens_as_token_ids"] = job.logprobs, True
         if job.wire is not None:
             body["vllm_xargs"] = {"safedecode": json.dumps(job.wire, ensure_ascii=False)}
         ended = [False] * job.n
@@ -179,12 +208,15 @@ class UpstreamEngine(EngineBase):
                         if ids is None and choice.get("text"):
                             raise UpstreamError(502, f"upstream {self.url} sent text without token ids: it must "
                                                      f"support return_token_ids (vLLM >= 0.10)")
-                        for token in ids or ():
+                        logprobs = self._logprobs(job, choice, len(ids or ()))
+                        for j, token in enumerate(ids or ()):
+                            entry = self._entry(guides[row], token, eos, logprobs, j, job.logprobs) if logprobs \
+                                else None
                             if not self._allowed(guides[row], token, eos):
                                 raise UpstreamError(502, f"upstream {self.url} sent token {token}, which the guard "
                                                          f"forbids here: is the safedecode vLLM plugin loaded there, "
                                                          f"with the same tokenizer?")
-                            if job.feed(token, row):
+                            if job.feed(token, row, logprob=entry):
                                 finished[row] = True
                                 break
                         reason = choice.get("finish_reason")
@@ -197,6 +229,35 @@ class UpstreamEngine(EngineBase):
                         break  # leaving the block closes the connection: vLLM aborts the request
         return [job.outcome(stopped=guides[row] is not None and guides[row].is_stopped, ended=ended[row], row=row)
                 for row in range(job.n)]
+
+    def _logprobs(self, job: Job, choice: dict, count: int) -> Optional[tuple]:
+        """The chunk's (token_logprobs, top_logprobs) lists, one entry per token id, when asked."""
+        if job.logprobs is None:
+            return None
+        block = choice.get("logprobs") or {}
+        values, tops = block.get("token_logprobs") or [], block.get("top_logprobs") or [None] * count
+        if len(values) != count or len(tops) != count:
+            raise UpstreamError(502, f"upstream {self.url} sent {len(values)} logprobs for {count} token ids")
+        return values, tops
+
+    def _entry(self, guide, token: int, eos, logprobs: tuple, j: int, top: int) -> tuple:
+        """The job's logprob entry of the ``j``-th token of a chunk, ``(token, logprob, [(id, logprob)])``,
+        its alternatives checked against the guard *before* the token is appended: one the guard masks
+        must be at vLLM's floor (dropped: probability 0), never finite (502)."""
+        values, tops = logprobs
+        alternatives = []
+        for key, value in (tops[j] or {}).items():
+            alt = _token_id(key, self.url)
+            if value <= MASKED_LOGPROB:
+                continue
+            if guide is not None and alt not in eos and guide.violating_components(alt):
+                raise UpstreamError(502, f"upstream {self.url} reported a finite logprob for token {alt}, which the "
+                                         f"guard masks: are its logprobs processed (--logprobs-mode processed_logprobs)?")
+            alternatives.append((alt, float(value)))
+        alternatives.sort(key=lambda item: -item[1])
+        value = values[j]
+        return token, float(value) if value is not None and value > MASKED_LOGPROB else float("-inf"), \
+            alternatives[:top]
 
     @staticmethod
     def _allowed(guide, token: int, eos) -> bool:
@@ -274,6 +335,14 @@ def _refusal(url: str, response, path: str = "/v1/completions") -> UpstreamError
         message = response.text[:500]
     status = 400 if response.status_code == 400 else 502
     return UpstreamError(status, f"upstream {url}{path} answered {response.status_code}: {message}")
+
+
+def _token_id(key: str, url: str) -> int:
+    """A logprobs key of vLLM's ``return_tokens_as_token_ids`` (``token_id:42``) as the id."""
+    if isinstance(key, str) and key.startswith("token_id:") and key[9:].isdigit():
+        return int(key[9:])
+    raise UpstreamError(502, f"upstream {url} sent logprobs keyed {key!r}, not token ids: it must support "
+                             f"return_tokens_as_token_ids")
 
 
 def _message(payload: Any) -> str:

@@ -250,9 +250,11 @@ class EngineBase:
     """What the server needs of an engine (the embedded :class:`Engine`, :class:`.upstream.UpstreamEngine`):
     ``tokenizer``, ``context_length``, ``submit`` (queue a :class:`Job`; its events come back on
     the event loop), ``run`` (one job to the end, before serving: the warm-up), ``stats``, ``close``;
-    and ``remote``: whether the guard runs elsewhere (the job's ``wire`` options are sent there)."""
+    and ``remote``: whether the guard runs elsewhere (the job's ``wire`` options are sent there);
+    ``guarded_logprobs``: whether the logprobs it reports are of the guarded distribution."""
 
     remote = False
+    guarded_logprobs = True
 
     def __init__(self, tokenizer, context_length: int, max_queue: int):
         self.tokenizer = tokenizer

@@ -56,3 +56,19 @@ class PolicyOracle:
 
     def __call__(self, data: bytes) -> bool:
         return self.violates_text(text_of(data))
+
+
+def forbidden_alternatives(policy: Policy, content) -> int:
+    """How many ``top_logprobs`` alternatives of an OpenAI chat ``logprobs.content`` would complete a
+    match of ``policy`` after the answer so far (``find_violations`` on the decoded bytes), asserting
+    on the way that every reported logprob is finite and the alternatives hold at most all the mass."""
+    count, prefix = 0, b""
+    for step in content:
+        assert step.top_logprobs and step.logprob > float("-inf")
+        assert sum(2.718281828459045 ** t.logprob for t in step.top_logprobs) <= 1.0 + 1e-4
+        for alternative in step.top_logprobs:
+            assert alternative.logprob > float("-inf")
+            count += bool(find_violations(policy, text_of(prefix + bytes(alternative.bytes))))
+        prefix += bytes(step.bytes)
+    return count
+
