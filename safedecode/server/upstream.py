@@ -18,8 +18,8 @@ length from ``/v1/models``, loads the tokenizer locally (``--model``, or the loc
 reports; never downloads), checks that vLLM tokenizes a probe text to the same ids (``/tokenize``),
 that a request with an invalid safedecode config is refused (the plugin is loaded), and whether vLLM
 reports logprobs after the logits processors (``--logprobs-mode processed_logprobs``): one token
-under a guard that leaves nothing but EOS, with its top logprobs — a text token with a finite
-logprob there means raw logprobs, and the gateway then refuses ``logprobs`` with 400 saying so.
+under a guard that forbids every character, with its top logprobs — a token that guard masks listed
+with a finite logprob means raw logprobs, and the gateway then refuses ``logprobs`` with 400 saying so.
 With guarded logprobs, each token's alternatives are checked against the gateway's guard like the
 tokens: a masked one reported with a finite logprob ends the request with 502; masked ones at
 vLLM's floor (-9999) are dropped, as they have probability 0. Upstream
@@ -40,8 +40,9 @@ from .worker import EngineBase, Job, Outcome
 PROBE_TEXT = "Hello, world! Café <|im_start|> 日本語 🙂 x = 42"
 #: A config the plugin must refuse (an unknown key): a 200 means no plugin guards the upstream.
 PROBE_CONFIG = json.dumps({"policy_probe": "safedecode gateway start-up check"})
-#: A guard that forbids every character: only EOS is left (the logprobs probe).
-NOTHING_BUT_EOS = json.dumps({"policy": {"forbid": [{"regex": "[\\s\\S]", "id": "logprobs-probe"}]}})
+#: The logprobs probe's policy: every character is forbidden (left: EOS, and tokens whose bytes are
+#: an incomplete UTF-8 sequence, which add no character yet).
+PROBE_POLICY = {"forbid": [{"regex": "[\\s\\S]", "id": "logprobs-probe"}]}
 #: What vLLM's OpenAI server reports for a logprob of -inf (it clamps them to this).
 MASKED_LOGPROB = -9999.0
 
@@ -112,20 +113,24 @@ class UpstreamEngine(EngineBase):
                                  f"plugin is not loaded there (install safedecode in vLLM's environment)")
 
     def _probe_logprobs(self) -> bool:
-        """Whether vLLM reports logprobs after the logits processors (module docstring)."""
+        """Whether vLLM reports logprobs after the logits processors (module docstring): the top
+        alternatives of one greedy token after "Hi" under :data:`PROBE_POLICY`, judged by the
+        gateway's own copy of that guard — with raw logprobs, masked text tokens lead the list."""
+        from ..engine.compiled import compile_policy
+        from ..engine.guide import Guide
+        from ..policy.rules import Policy
+
         body = {"model": self.model_name, "prompt": self.tokenizer("Hi")["input_ids"], "max_tokens": 1,
                 "temperature": 0, "logprobs": 5, "return_tokens_as_token_ids": True,
-                "vllm_xargs": {"safedecode": NOTHING_BUT_EOS}}
+                "vllm_xargs": {"safedecode": json.dumps({"policy": PROBE_POLICY})}}
         answer = _sync_call(self.url, "POST", "/v1/completions", body, self.timeout, self.transport)
         choices = answer.get("choices") or [{}]
-        tops = (choices[0].get("logprobs") or {}).get("top_logprobs") or [None]
-        top = tops[0] or {}
-        from ..tokens.vocabulary import vocabulary_of
-
-        eos = set(vocabulary_of(self.tokenizer).eos_ids)
+        top = ((choices[0].get("logprobs") or {}).get("top_logprobs") or [None])[0]
         if not top:
             raise UpstreamError(502, f"upstream {self.url} answered the logprobs probe without logprobs")
-        return all(_token_id(key, self.url) in eos or value <= MASKED_LOGPROB for key, value in top.items())
+        guide = Guide(compile_policy(Policy(**PROBE_POLICY), self.tokenizer))
+        return not any(value > MASKED_LOGPROB and guide.violating_components(_token_id(key, self.url))
+                       for key, value in top.items())
 
     # -- the engine interface ------------------------------------------------------------------
     def submit(self, job: Job) -> Job:

@@ -86,3 +86,12 @@ def test_vllms_response_format_beside_a_safedecode_config_is_a_400(client):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        response_format={"type": "json_object"},
                                        extra_body={"vllm_xargs": {"safedecode": "secrets"}})
+
+
+def test_the_gateway_finds_that_this_vllm_reports_raw_logprobs(vllm_url):
+    """vLLM's default --logprobs-mode (raw_logprobs): the gateway's start-up probe sees a token the
+    guard masks listed with a finite logprob, so it will refuse logprobs (test_gateway.py runs vLLM
+    with processed_logprobs, where they are honoured)."""
+    from safedecode.server.upstream import UpstreamEngine
+
+    assert UpstreamEngine.connect(vllm_url, "default").guarded_logprobs is False
