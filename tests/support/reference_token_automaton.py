@@ -14,6 +14,18 @@ from safedecode.tokens.token_automaton import _append_range, _csr, _explore, _wa
 from safedecode.tokens.trie import TokenTrie
 
 
+MAX_REFERENCES = 64
+
+
+class _Reference:
+    """A dense row: the walk of every trie node and every token from one DFA state."""
+
+    def __init__(self, state: int, dfa: ByteDFA, trie_args: tuple, n_ranks: int):
+        self.state = state
+        self.node_state, self.default_dest, self.forbidden = _walk_from_start(
+            dfa.trans, dfa.end_accept, state, *trie_args, n_ranks)
+
+
 def build_token_automaton(dfa: ByteDFA, trie: TokenTrie, progress=None, threshold=None) -> dict[str, np.ndarray]:
     """Explore every DFA state reachable by whole tokens; return the tables described above.
 
