@@ -20,14 +20,16 @@ without a request policy and with ``grammars/secrets.toml`` (``"policy": "secret
 request is always guarded by its channel guard (control tokens, delimiters, links, leaks); "no
 policy" means no rules beyond those. Each scenario runs with each number of ``--clients`` (1: the
 latency of a request alone; more: throughput, and the latency with batching and queueing — the
-embedded server batches up to ``--max-batch`` rows per generation). Writes ``load.json`` (every
-latency) and ``load.md``.
+embedded server batches up to ``--max-batch`` rows, by continuous batching). Writes ``load.json``
+(every latency) and ``load.md``; with ``--dtype bfloat16`` (the server's ``--dtype``),
+``load_bfloat16.{json,md}``.
 
 ``--agreement N`` measures something else, in process and without HTTP: N distinct greedy requests
-(the four scenarios' kinds, prompts of different lengths) answered alone and then in batches of 8
-(left-padded, as the server batches them); it counts the answers that differ (floating point:
-padding changes the model's numerics slightly, which can flip a near tie) and writes
-``load_agreement.md``.
+(the four scenarios' kinds, prompts of different lengths) answered alone, then in groups of 8 that
+start together, then in groups of 8 that join a running batch one per step (as the server's
+continuous batching admits them); it counts the answers that differ (floating point: padding and
+batch size change the model's numerics slightly, which can flip a near tie) and writes
+``load_agreement.md`` (``load_agreement_bfloat16.md`` with ``--dtype bfloat16``).
 """
 from __future__ import annotations
 
@@ -174,7 +176,9 @@ def render_markdown(report: dict) -> str:
         f"{', '.join(str(c) for c in config['client_counts'] if c > 1)} concurrent clients for "
         f"{config['requests_per_client']} requests per client (or {config['max_seconds']} s) per scenario, "
         f"interleaved over {config['rounds']} rounds; embedded {MODEL} on CPU, "
-        f"`--max-batch {config['max_batch']}`" + (" (no batching)." if config['max_batch'] == 1 else "."),
+        f"`--max-batch {config['max_batch']}`" + (" (no batching)" if config['max_batch'] == 1 else "")
+        + (f", the server's torch at {config['threads']} thread(s), `--dtype {config['dtype']}`."
+           if config.get("threads") else "."),
         "",
         "| scenario | clients | requests | errors | requests/s | tokens/s | latency p50 (s) | latency p99 (s) | "
         "first token p50 (s) | first token p99 (s) |",
@@ -216,6 +220,11 @@ def main(argv=None) -> int:
     ap.add_argument("--agreement", type=int, metavar="N",
                     help="instead: N greedy requests alone vs in batches of 8, in process (see above)")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the started server's --dtype (default float32, the server's default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="the started server's torch threads (OMP_NUM_THREADS; default: every core, as "
+                         "`safedecode serve` uses by default)")
     ap.add_argument("--url", help="benchmark this loopback server instead of starting one")
     ap.add_argument("--out", default=str(harness.RESULTS))
     args = ap.parse_args(argv)
@@ -223,44 +232,49 @@ def main(argv=None) -> int:
     args.requests_per_client = args.requests_per_client or (2 if args.quick else 3)
     args.solo_requests = args.solo_requests or (3 if args.quick else 6)
     args.rounds = args.rounds or (1 if args.quick else 2)
+    if args.url:
+        args.threads = args.dtype = None  # the running server's own
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         ap.error("--url must be a loopback address (this benchmark never leaves the machine)")
     load_start = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.agreement:
-        return agreement(args.agreement, out)
+        return agreement(args.agreement, out, args.dtype or "float32")
 
     if args.url:
         scenarios = run_all(args.url.rstrip("/"), args)
     else:
         print("starting safedecode serve (embedded model)...", file=sys.stderr, flush=True)
         log = Path(tempfile.gettempdir()) / "safedecode-load-server.log"  # kept if the server fails
-        with running_server("--max-batch", str(args.max_batch), log=log) as base:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        with running_server("--max-batch", str(args.max_batch), "--dtype", args.dtype, log=log, env=env) as base:
             scenarios = run_all(base, args)
         log.unlink(missing_ok=True)
     report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "scenarios": scenarios,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2)}}
-    harness.write_json(out / "load.json", report)
-    harness.write_text(out / "load.md", render_markdown(report))
+    stem = f"load_{args.dtype}" if args.dtype not in (None, "float32") else "load"
+    harness.write_json(out / f"{stem}.json", report)
+    harness.write_text(out / f"{stem}.md", render_markdown(report))
     print(render_markdown(report))
     return 0 if all(s["errors"] == 0 for s in scenarios) else 1
 
 
-def agreement(count: int, out: Path) -> int:
+def agreement(count: int, out: Path, dtype: str = "float32") -> int:
     """``count`` distinct greedy requests (completions and chat, with and without ``secrets``,
-    prompts of different lengths), 16 tokens each, answered alone and then in batches of 8, in
+    prompts of different lengths), 16 tokens each, answered alone, then in groups of 8 that start
+    together (one left-padded prefill), then in groups of 8 that join a running batch one per step
+    (continuous batching: each joins with its own prefill, its cache padded to the others'), in
     process through the server's own preparation and :class:`~safedecode.server.worker.Batch`."""
     import torch
 
     torch.set_num_threads(1)
-    from safedecode.models import load_default_model
     from safedecode.server.app import Server
     from safedecode.server.schemas import ChatRequest, CompletionRequest
-    from safedecode.server.worker import Batch, Engine
+    from safedecode.server.worker import Batch, Engine, load_model
 
-    model, tokenizer = load_default_model()
+    model, tokenizer, _ = load_model("default", dtype)
     engine = Engine(model, tokenizer, max_queue=count, max_batch=8)
     server = Server(engine, MODEL)
 
@@ -276,29 +290,38 @@ def agreement(count: int, out: Path) -> int:
         body["prompt"] += filler
         return server.prepare_completion(CompletionRequest(**body)).job
 
-    def run(jobs):
+    def run(jobs, staggered: bool = False):
         done = {}
-        Batch(engine, jobs, lambda j, outcomes: done.__setitem__(id(j), outcomes[0].text)).generate()
+        batch = Batch(engine, on_done=lambda j, outcomes: done.__setitem__(id(j), outcomes[0].text))
+        for group in ([j] for j in jobs) if staggered else [jobs]:
+            batch.admit(group)
+            if staggered and not batch.empty:
+                batch.step()
+        while not batch.empty:
+            batch.step()
         return [done[id(j)] for j in jobs]
 
     alone = [run([job(i)])[0] for i in tqdm(range(count), desc="alone", leave=False)]
-    together = []
-    for start in tqdm(range(0, count, 8), desc="batches of 8", leave=False):
-        together += run([job(i) for i in range(start, min(count, start + 8))])
+    modes = {"together": "groups of 8 starting together", "staggered": "groups of 8 joining one per step"}
+    answers, lines = {}, ["# Greedy answers alone vs batched: `safedecode serve`'s embedded engine", "",
+                          f"`benchmarks/load.py --agreement {count}{'' if dtype == 'float32' else ' --dtype ' + dtype}` "
+                          f"— {count} distinct greedy requests (the load scenarios' four kinds in turn, prompts of 5 "
+                          f"lengths), 16 tokens, answered alone and then in batches; embedded {MODEL} on CPU, "
+                          f"{dtype}, one torch thread.", ""]
+    for mode, label in modes.items():
+        answers[mode] = []
+        for start in tqdm(range(0, count, 8), desc=label, leave=False):
+            answers[mode] += run([job(i) for i in range(start, min(count, start + 8))], staggered=mode == "staggered")
+        differ = [i for i in range(count) if alone[i] != answers[mode][i]]
+        first_token = [i for i in differ if answers[mode][i][:1] != alone[i][:1]]
+        lines += [f"**{label}: {count - len(differ)} of {count} identical** to the answer alone; {len(differ)} differ "
+                  f"({len(first_token)} from the first character on).", ""]
+        lines += [f"* request {i}: alone {alone[i]!r} / batched {answers[mode][i]!r}" for i in differ[:10]]
+        lines += [""] if differ else []
     engine.close()
-    differ = [i for i in range(count) if alone[i] != together[i]]
-    first_token = [i for i in differ if together[i][:1] != alone[i][:1]]
-    lines = ["# Greedy answers alone vs batched: `safedecode serve`'s embedded engine", "",
-             f"`benchmarks/load.py --agreement {count}` — {count} distinct greedy requests (the load scenarios' four "
-             f"kinds in turn, prompts of 5 lengths), 16 tokens, answered alone and then in left-padded batches of 8; "
-             f"embedded {MODEL} on CPU.", "",
-             f"**{count - len(differ)} of {count} identical**; {len(differ)} differ "
-             f"({len(first_token)} from the first character on).", ""]
-    for i in differ[:10]:
-        lines.append(f"* request {i}: alone {alone[i]!r} / batched {together[i]!r}")
-    harness.write_json(out / "load_agreement.json", {"count": count, "differ": differ, "alone": alone,
-                                                     "batched": together})
-    harness.write_text(out / "load_agreement.md", "\n".join(lines) + "\n")
+    stem = "load_agreement" if dtype == "float32" else f"load_agreement_{dtype}"
+    harness.write_json(out / f"{stem}.json", {"count": count, "dtype": dtype, "alone": alone, **answers})
+    harness.write_text(out / f"{stem}.md", "\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
     return 0
 

@@ -160,3 +160,152 @@ def test_the_worker_batches_jobs_that_wait_together(server):
     assert after["completed"] - before["completed"] == 8
     for i, (_, outcomes) in enumerate(events):
         assert not find_violations(Policy(**_policy(i)), outcomes[0].text)
+
+
+# -- continuous batching: jobs join the running batch between steps and leave it as they end --------
+
+
+def _judge(outcome, i: int) -> None:
+    """Request i's answer passes its own policy's regex oracle and carries no other request's marker."""
+    assert not find_violations(Policy(**_policy(i)), outcome.text), (i, outcome.text)
+    assert not any(m in outcome.text for k, m in enumerate(MARKERS) if k != i), (i, outcome.text)
+
+
+def test_a_job_joins_the_running_batch_between_steps_and_leaves_when_it_ends(server):
+    def make():
+        return [_job(server, 4, max_tokens=20, ignore_eos=True), _job(server, 1, max_tokens=6, ignore_eos=True),
+                _job(server, 2, max_tokens=9, ignore_eos=True)]
+
+    alone = [_run(server, [job])[0][0] for job in make()]
+    long, late, later = make()
+    order = []
+    batch = Batch(server.engine, on_done=lambda job, outcomes: order.append((job, outcomes[0])))
+    batch.admit([long])
+    for _ in range(4):
+        batch.step()
+    batch.admit([late])  # joins while `long` is 5 tokens in: its prefill, then one shared step
+    assert batch.rows == 2
+    for _ in range(2):
+        batch.step()
+    batch.admit([later])
+    widths = []
+    while not batch.empty:
+        batch.step()
+        if not batch.empty:  # the cache holds exactly the running rows, and no column that none of them needs
+            layer = batch.cache.layers[0]
+            assert layer.keys.shape[0] == batch.rows and layer.keys.shape[-2] == batch.width
+            assert batch.width == int(batch.lengths.max())
+            widths.append(batch.width)
+    assert [job for job, _ in order] == [late, later, long]  # each answered when it ends, not with the batch
+    assert batch.rows == 0
+    outcomes = {id(job): outcome for job, outcome in order}
+    for i, job, solo in zip((4, 1, 2), (long, late, later), alone):
+        got = outcomes[id(job)]
+        _judge(got, i)
+        assert got.completion_tokens == job.max_tokens and got.text == solo.text, (i, got.text, solo.text)
+
+
+def test_the_worker_admits_a_request_that_arrives_while_another_generates(server):
+    engine = server.engine
+
+    async def go():
+        long = engine.submit(_job(server, 0, max_tokens=40, ignore_eos=True, stream=True))
+        kind, _ = await long.next_event()  # a first delta: `long` is generating
+        assert kind == "delta"
+        short = engine.submit(_job(server, 3, max_tokens=4, ignore_eos=True))
+        answered = []
+        for job in (short, long):
+            while (event := await job.next_event())[0] == "delta":
+                pass
+            answered.append((job, event))
+        return long, short, answered
+
+    before = engine.stats()
+    long, short, answered = asyncio.run(go())
+    after = engine.stats()
+    assert all(kind == "done" for _, (kind, _) in answered)
+    (_, (_, short_outcomes)), (_, (_, long_outcomes)) = answered
+    assert long_outcomes[0].completion_tokens == 40 and short_outcomes[0].completion_tokens == 4
+    assert not long.done(0) and long.trackers[0].tokens == 40
+    # the short request ran inside the long one's generation: it started after the first and ended
+    # before it (the steps of both together are fewer than their steps one after the other)
+    assert after["batches"] - before["batches"] == 2 and after["max_batch_rows"] >= 2
+    assert after["steps"] - before["steps"] < 40 + 4 - 1
+    _judge(short_outcomes[0], 3)
+    _judge(long_outcomes[0], 0)
+    assert short_outcomes[0].text == _run(server, [_job(server, 3, max_tokens=4, ignore_eos=True)])[0][0].text
+
+
+def test_a_job_whose_guard_fails_leaves_alone_and_the_others_go_on(server):
+    broken, kept = _job(server, 5, max_tokens=8, ignore_eos=True), _job(server, 6, max_tokens=8, ignore_eos=True)
+    alone = _run(server, [_job(server, 6, max_tokens=8, ignore_eos=True)])[0][0].text
+    guard, calls = broken.processor, []
+
+    def failing(ids, scores):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("guard failure")
+        return guard(ids, scores)
+
+    broken.processor = failing
+    done, failed = {}, {}
+    batch = Batch(server.engine, [broken, kept], on_done=lambda job, o: done.__setitem__(id(job), o),
+                  on_failed=lambda job, exc: failed.__setitem__(id(job), exc))
+    batch.generate()
+    assert str(failed[id(broken)]) == "guard failure" and id(broken) not in done
+    assert id(kept) not in failed and done[id(kept)][0].text == alone
+
+
+def test_a_cache_that_cannot_be_joined_runs_its_batch_to_the_end_first(server, monkeypatch):
+    """With a cache whose layers are not plain growing key/value tensors (sliding windows, linear
+    attention), new jobs wait until the running batch is empty, and ended rows stay until then."""
+    from safedecode.server import worker
+
+    monkeypatch.setattr(worker, "_joinable", lambda cache: False)
+    engine = server.engine
+
+    async def go():
+        long = engine.submit(_job(server, 0, max_tokens=12, ignore_eos=True, stream=True))
+        assert (await long.next_event())[0] == "delta"
+        short = engine.submit(_job(server, 3, max_tokens=3, ignore_eos=True))
+        events = []
+        for job in (long, short):
+            while (event := await job.next_event())[0] == "delta":
+                pass
+            events.append(event)
+        return events
+
+    before = engine.stats()
+    events = asyncio.run(go())
+    after = engine.stats()
+    assert [kind for kind, _ in events] == ["done", "done"]
+    assert after["steps"] - before["steps"] == (12 - 1) + (3 - 1)  # one after the other: no shared step
+    assert after["batches"] - before["batches"] == 2
+    _judge(events[0][1][0], 0)
+    _judge(events[1][1][0], 3)
+
+
+def test_a_bfloat16_engine_keeps_every_guard(server):
+    """``safedecode serve --dtype bfloat16``: the model's scores are bfloat16; each request's guard
+    masks them the same way (judged by the regex oracle of its own policy), joined or not."""
+    from safedecode.server.worker import load_model
+
+    model, tokenizer, _ = load_model("default", "bfloat16")
+    assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.bfloat16"
+    engine = Engine(model, tokenizer, max_queue=8, max_batch=8)
+    try:
+        fast = Server(engine, MODEL)
+        premise = _run(fast, [_job(fast, 0, safedecode={})])[0][0].text  # unguarded, it echoes its marker
+        assert MARKERS[0][1:4] in premise or "10" in premise, premise
+        jobs = [_job(fast, i, max_tokens=12) for i in range(4)]
+        batch = Batch(engine, on_done=lambda job, outcomes: done.__setitem__(id(job), outcomes[0]))
+        done = {}
+        for job in jobs:  # one joins per step
+            batch.admit([job])
+            batch.step()
+        while not batch.empty:
+            batch.step()
+        for i, job in enumerate(jobs):
+            _judge(done[id(job)], i)
+    finally:
+        engine.close()

@@ -285,6 +285,8 @@ def test_cli_engine_options_give_one_clear_error(capsys):
     assert "--engine vllm" in capsys.readouterr().err
     assert main(["serve", "--upstream", URL, "--upstream-timeout", "0"]) != 0
     assert "--upstream-timeout 0" in capsys.readouterr().err
+    assert main(["serve", "--upstream", URL, "--dtype", "bfloat16"]) != 0
+    assert "--dtype: an option of the embedded engine" in capsys.readouterr().err
 
 
 

@@ -545,11 +545,12 @@ def create_app(server: Server) -> FastAPI:
 
 def serve(model: Optional[str] = None, policy=None, host: str = "127.0.0.1", port: int = 8000,
           max_queue: Optional[int] = None, log_level: str = "info", upstream: Optional[str] = None,
-          upstream_timeout: float = 600.0, max_batch: int = 16) -> int:
+          upstream_timeout: float = 600.0, max_batch: int = 16, dtype: str = "float32") -> int:
     """Load the model (or connect to the ``upstream`` vLLM server), warm the guard up, and serve until
     interrupted (``safedecode serve``). ``model``: the embedded engine's model (default: the embedded
     SmolLM2); with ``upstream``, where the upstream model's tokenizer is (default: the directory vLLM
-    reports). ``max_batch``: the embedded engine's most rows (choices) in one batched generation."""
+    reports). ``max_batch``: the embedded engine's most rows (choices) generated together; ``dtype``:
+    its model's (``"float32"`` or ``"bfloat16"``)."""
     require("uvicorn", "server", "safedecode serve")
     import uvicorn
 
@@ -565,7 +566,7 @@ def serve(model: Optional[str] = None, policy=None, host: str = "127.0.0.1", por
     else:
         from .worker import load_model
 
-        model_obj, tokenizer, name = load_model(model or "default")
+        model_obj, tokenizer, name = load_model(model or "default", dtype)
         engine = Engine(model_obj, tokenizer, max_queue=max_queue or MAX_QUEUE, max_batch=max_batch)
     server = Server(engine, name, default_policy)
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import inspect
 import queue
 import secrets
 import threading
@@ -40,13 +41,17 @@ class ServerBusyError(SafeDecodeError):
     """The queue is full (HTTP 503)."""
 
 
-def load_model(spec: str = "default"):
+def load_model(spec: str = "default", dtype: str = "float32"):
     """``(model, tokenizer, name)``: the embedded SmolLM2 for ``"default"``, else a local HF model
-    directory (never downloads)."""
+    directory (never downloads), in ``dtype`` (``"float32"`` or ``"bfloat16"``)."""
+    import torch
+
+    if dtype not in ("float32", "bfloat16"):
+        raise SafeDecodeError(f"--dtype {dtype!r}: must be float32 or bfloat16")
     if spec in ("default", None):
         from ..models import DEFAULT_MODEL_NAME, load_default_model
 
-        model, tokenizer = load_default_model()
+        model, tokenizer = load_default_model(getattr(torch, dtype))
         return model, tokenizer, DEFAULT_MODEL_NAME
     path = Path(spec)
     if not path.is_dir():
@@ -54,7 +59,7 @@ def load_model(spec: str = "default"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype)).eval()
     return model, tokenizer, path.name
 
 
@@ -316,21 +321,40 @@ class EngineBase:
         raise NotImplementedError
 
     def run(self, job: Job) -> list:
-        """Generate ``job`` to the end: one :class:`Outcome` per choice."""
-        raise NotImplementedError
+        """Generate ``job`` to the end, outside a running event loop (the warm-up): one
+        :class:`Outcome` per choice. It goes through :meth:`submit` like any request, so the embedded
+        model only ever runs on the engine's worker thread (see :class:`Engine`)."""
+        async def answered() -> list:
+            self.submit(job)
+            while True:
+                kind, value = await job.next_event()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    return value
+
+        return asyncio.run(answered())
 
     def close(self) -> None:
         pass
 
 
 class Engine(EngineBase):
-    """Runs :class:`Job` s on one worker thread (see the module invariants), in batches: the worker
-    takes every job waiting (up to ``max_batch`` rows) and generates them in one ``model.generate``
-    call (:class:`Batch`); counts what it did.
+    """Runs :class:`Job` s on one worker thread (see the module invariants) by **continuous
+    batching**: the worker keeps one :class:`Batch` of rows in flight and, between two decoding
+    steps, admits every job waiting (while rows are free, up to ``max_batch``), so a request that
+    arrives while others generate starts at the next step instead of waiting for them to end; a
+    job leaves the batch as soon as its rows have ended. Counts what it did.
 
-    ``batch_wait``: how long (seconds) the worker may hold a batch back for requests still being
-    prepared (:meth:`EngineBase.arriving`: their prompt is being encoded and their guard compiled),
-    so that clients that sent together run together; 0 starts each batch at once."""
+    ``batch_wait``: when the engine is idle, how long (seconds) the worker may hold the first
+    admission back for requests still being prepared (:meth:`EngineBase.arriving`: their prompt is
+    being encoded and their guard compiled), so that clients that sent together share one prefill;
+    0 starts at once. While rows are running it never waits: late arrivals join a step later.
+
+    Only the worker thread runs the model, the warm-up included (:meth:`EngineBase.run`): with
+    torch's OpenMP backend, one parallel torch operation on a second thread (the event loop's)
+    leaves that thread's own pool of OpenMP threads behind, and every later step of the worker then
+    took ~70% longer on 2 cores (33 → 57 ms per SmolLM2 step at 2 threads)."""
 
     def __init__(self, model, tokenizer, max_queue: int, max_batch: int = 16, batch_wait: float = 0.25):
         super().__init__(tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30), max_queue)
@@ -341,10 +365,10 @@ class Engine(EngineBase):
         self.batch_wait = batch_wait
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self._held: Optional[Job] = None  # taken from the queue but left for the next batch (too many rows)
-        self._current: list[Job] = []
+        self._held: Optional[Job] = None  # taken from the queue but waiting for free rows (first in line)
+        self._batch: Optional[Batch] = None
         self._closing = threading.Event()
-        self.counters.update(batches=0, batched_rows=0, max_batch_rows=0)
+        self.counters.update(batches=0, batched_rows=0, max_batch_rows=0, steps=0)
         self._thread = threading.Thread(target=self._work, name="safedecode-engine", daemon=True)
         self._thread.start()
 
@@ -357,197 +381,348 @@ class Engine(EngineBase):
         """Stop the worker: the running generations are cancelled, queued jobs are not started."""
         self._closing.set()
         self._queue.put(None)
-        while self._current and self._thread.is_alive():
-            for job in list(self._current):
+        while self._thread.is_alive() and (batch := self._batch) is not None and batch.jobs():
+            for job in batch.jobs():
                 job.cancel()
             self._thread.join(timeout=0.1)
         self._thread.join(timeout=30)
 
-    def _take(self) -> Optional[list]:
-        """The next batch: the first waiting job (blocking), then every job waiting or arriving within
-        ``batch_wait`` while rows are left; None once closed."""
-        first = self._held if self._held is not None else self._queue.get()
-        self._held = None
-        if first is None:
-            return None
-        jobs, rows = [first], first.n
+    def _take(self, free: int, idle: bool) -> Optional[list]:
+        """The jobs to admit now, in arrival order, while their rows fit in ``free``: when ``idle``,
+        the first waiting job (blocking) and every job waiting or arriving within ``batch_wait``;
+        else the jobs already waiting (possibly none). None once closed (the queue's sentinel)."""
+        jobs, rows = [], 0
         deadline = time.monotonic() + self.batch_wait
-        while rows < self.max_batch:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                if self.arriving_now() == 0 or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.002)
-                continue
+        while True:
+            if self._held is not None:
+                job, self._held = self._held, None
+            elif idle and not jobs:
+                job = self._queue.get()
+            else:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    if not idle or self.arriving_now() == 0 or time.monotonic() >= deadline:
+                        return jobs
+                    time.sleep(0.002)
+                    continue
             if job is None:
-                self._queue.put(None)  # closing: finish this batch first
-                break
-            if rows + job.n > self.max_batch:
+                return None
+            if rows + job.n > free and (jobs or not idle):  # wait for rows to free (first in line keeps its place)
                 self._held = job
-                break
+                return jobs
             jobs.append(job)
             rows += job.n
-        return jobs
+            if rows >= free:
+                return jobs
 
     def _work(self) -> None:
-        while (jobs := self._take()) is not None:
-            self._count(queued=-len(jobs), running=len(jobs))
-            if self._closing.is_set():
-                for job in jobs:
+        batch = self._batch = Batch(self, on_done=self._finished, on_failed=self._failed)
+        closed = False
+        while not (closed and batch.empty):
+            free = self.max_batch - batch.rows if batch.joinable or batch.empty else 0
+            jobs = self._take(free, idle=batch.empty) if not closed and free > 0 else []
+            if jobs is None:
+                closed = True
+                for job in batch.jobs():
                     job.cancel()
-            self._current = jobs
-            batch = Batch(self, jobs, self._finished)
-            try:
-                batch.generate()
-            except Exception as exc:  # reported to the requests still running, never kills the worker
-                for job in batch.unfinished():
-                    self._failed(job, exc)
-            finally:
-                self._current = []
+                continue
+            if jobs:
+                self._count(queued=-len(jobs), running=len(jobs))
+                if self._closing.is_set():
+                    for job in jobs:
+                        job.cancel()
+                batch.admit(jobs)
+            if not batch.empty:
+                batch.step()
+        while (job := self._held if self._held is not None else self._next_queued()) is not None:
+            self._held = None  # closed: a job still queued is answered as cancelled, never started
+            self._count(queued=-1, running=1)
+            job.cancel()
+            batch.admit([job])
 
-    def run(self, job: Job) -> list:
-        """Generate ``job`` alone to the end, on the calling thread (the warm-up): its outcomes."""
-        done: list = []
-        Batch(self, [job], lambda _, outcomes: done.extend(outcomes)).generate()
-        return done
+    def _next_queued(self) -> Optional[Job]:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class _Rows:
+    """One job's rows in a :class:`Batch`: its ids so far (prompt and generated, ``n`` rows), its
+    own logprob recorder and sampler, and which of its rows have ended."""
+
+    def __init__(self, job: Job, device):
+        import torch
+
+        self.job = job
+        self.ids = torch.tensor([list(job.input_ids)] * job.n, device=device)
+        self.ended = [False] * job.n
+        self.stopped = [False] * job.n
+        self.finished = False
+        self.recorder = LogprobRecorder(job.logprobs) if job.logprobs is not None else None
+        self.generator = None
+        if job.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+        self.banned = sorted(job.tracker.vocabulary.eos_ids) if job.ignore_eos else None
+
+    def choose(self, scores):
+        """The next token of each row (shape ``(n, 1)``), from this job's rows of the step's
+        logits: its EOS rule, its guard (reading exactly its own ids), its recorder (the guarded
+        distribution), then its sampler (greedy: the best allowed token)."""
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        if self.job.processor is not None:
+            scores = self.job.processor(self.ids, scores)
+        if self.recorder is not None:
+            self.recorder(None, scores)
+        if self.generator is not None:
+            return sample(scores, self.job.temperature, self.job.top_p, self.generator)
+        return scores.argmax(dim=-1, keepdim=True)
+
+    def feed(self, chosen, pad: int) -> None:
+        """Append the step's tokens (an ended row gets ``pad``, ignored) and hand each live row's
+        token to the job; end the rows that are done (EOS, stop string, ``max_tokens``, cancelled)."""
+        import torch
+
+        job = self.job
+        tokens = chosen[:, 0].tolist()
+        cancelled = job.cancelled.is_set()
+        for row, token in enumerate(tokens):
+            if self.ended[row]:
+                tokens[row] = pad
+                continue
+            entry = self.recorder.entry(row, token) if self.recorder is not None else None
+            stop = job.feed(token, row, entry)
+            if stop or job.done(row) or cancelled or job.trackers[row].tokens >= job.max_tokens:
+                self.ended[row] = True
+                self.stopped[row] = self.is_stopped(row)
+        self.ids = torch.cat([self.ids, torch.tensor(tokens, device=self.ids.device)[:, None]], dim=1)
+
+    def is_stopped(self, row: int) -> bool:
+        guides = self.job.processor.guides if self.job.processor is not None else []
+        return row < len(guides) and guides[row].is_stopped
+
+    def outcomes(self) -> list:
+        telemetry = getattr(self.job.processor, "telemetry", None)
+        return [self.job.outcome(stopped=self.stopped[row] if self.ended[row] else self.is_stopped(row),
+                                 report=telemetry.report(row) if telemetry is not None else None, row=row)
+                for row in range(self.job.n)]
 
 
 class Batch:
-    """One ``model.generate`` call over the rows of several jobs: every job's prompt is left-padded
-    to the longest, its ``n`` rows copied. Nothing is shared between jobs but the model:
+    """The rows in flight: one KV cache over every row of every running job, which new jobs join
+    between steps (:meth:`admit`: their prompts' prefill, merged into the cache) and which a job
+    leaves once its rows have ended (:meth:`step`). Nothing is shared between jobs but the model:
 
-      * each job's own logits processor sees only its rows, with its padding cut off, so its guard
-        reads exactly the ids it would read alone (:meth:`process`);
+      * each job's own logits processor sees only its rows' ids (its prompt and what it generated,
+        never padding), so its guard reads exactly the ids it would read alone (:class:`_Rows`);
       * each job's own EOS rule (``ignore_eos``), logprob recorder (after its guard: the guarded
-        distribution) and sampler (its temperature and top_p, its own ``torch.Generator`` seeded with
-        its seed) — generate itself runs greedy, and a sampled row's scores become one-hot on the
-        sampled id;
-      * each row ends on its own (EOS, a stop string, the job's ``max_tokens``, cancellation): the
-        stopping criterion returns a per-row flag, after which transformers feeds that row only pad
-        ids, ignored here; a job whose rows have all ended is answered at once (``on_done``), while
-        the others go on.
+        distribution) and sampler (greedy, or its temperature and top_p with its own
+        ``torch.Generator`` seeded with its seed);
+      * each row ends on its own (EOS, a stop string, the job's ``max_tokens``, cancellation); a job
+        whose rows have all ended is answered at once (``on_done``) and its rows leave the cache; a
+        job whose guard raises is answered with the error (``on_failed``) and leaves, the others go
+        on; an error of the model itself fails the jobs running.
+
+    The cache is left-padded: every row's real tokens are the last ``lengths[row]`` of its
+    ``width`` columns, and the attention mask and position ids are derived from ``lengths``, so a
+    row reads the same positions whatever joined or left around it (its numerics still depend on
+    the batch: see the README, "Serving"). Joining needs a cache whose layers are plain growing
+    key/value tensors (transformers' ``DynamicCache`` of ``DynamicLayer`` s, as for Llama-family
+    models); with any other cache (sliding windows, linear attention) the batch is not ``joinable``:
+    new jobs wait until it is empty, and rows stay in the cache until then.
     """
 
-    def __init__(self, engine: Engine, jobs: list, on_done):
-        import torch
+    def __init__(self, engine: Engine, jobs=(), on_done=None, on_failed=None):
+        self.engine, self.on_done, self.on_failed = engine, on_done, on_failed
+        self.pending = list(jobs)  # for generate()
+        self.running: list[_Rows] = []
+        self.cache = None
+        self.lengths = None  # per row: real tokens in the cache
+        self.width = 0       # the cache's columns
+        self.joinable = True
+        self.cache_argument = _cache_keyword(engine.model)
 
-        self.engine, self.jobs, self.on_done = engine, jobs, on_done
-        self.spans: list = [None] * len(jobs)  # per job in the batch: (its first row, its padding)
-        self.ended = [[False] * job.n for job in jobs]
-        self.stopped = [[False] * job.n for job in jobs]
-        self.finished = [False] * len(jobs)
-        self.recorders = [LogprobRecorder(job.logprobs) if job.logprobs is not None else None for job in jobs]
-        self.generators = []
-        for job in jobs:
-            generator = None
-            if job.temperature > 0:
-                generator = torch.Generator(device=engine.model.device)
-                generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
-            self.generators.append(generator)
+    @property
+    def rows(self) -> int:
+        return sum(r.job.n for r in self.running)
 
-    def unfinished(self) -> list:
-        return [job for job, finished in zip(self.jobs, self.finished) if not finished]
+    @property
+    def empty(self) -> bool:
+        return not self.running
+
+    def jobs(self) -> list:
+        return [r.job for r in self.running if not r.finished]
 
     def generate(self) -> None:
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        """Run the jobs given at construction to the end, together (tests, the warm-up, benchmarks)."""
+        jobs, self.pending = self.pending, []
+        self.admit(jobs)
+        while not self.empty:
+            self.step()
 
-        for j, job in enumerate(self.jobs):  # cancelled while queued: never starts
+    def admit(self, jobs: list) -> None:
+        """Start ``jobs``: a job cancelled while queued is answered at once, never started; the others'
+        prompts (``n`` rows each, left-padded to the longest) run through the model in one prefill,
+        their first tokens are chosen, and their rows join the cache."""
+        import torch
+
+        for job in jobs:
             if job.cancelled.is_set():
-                self._finish(j)
-        live = [j for j, finished in enumerate(self.finished) if not finished]
-        if not live:
+                self.on_done(job, [job.outcome(stopped=False, row=row) for row in range(job.n)])
+        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        if not jobs:
             return
-        pad = self.engine.pad_token_id
-        width = max(len(self.jobs[j].input_ids) for j in live)
-        rows, mask = [], []
-        for j in live:
-            job = self.jobs[j]
-            padding = width - len(job.input_ids)
-            self.spans[j] = (len(rows), padding)
-            rows += [[pad] * padding + list(job.input_ids)] * job.n
-            mask += [[0] * padding + [1] * len(job.input_ids)] * job.n
-        device = self.engine.model.device
-        ids = torch.tensor(rows, device=device)
-        eos = sorted(self.jobs[live[0]].tracker.vocabulary.eos_ids)
-        self.engine._count(batches=1, batched_rows=len(rows))
-        with self.engine._lock:
-            self.engine.counters["max_batch_rows"] = max(self.engine.counters["max_batch_rows"], len(rows))
-        with torch.no_grad():
-            self.engine.model.generate(
-                ids, attention_mask=torch.tensor(mask, device=device), do_sample=False,
-                max_new_tokens=max(self.jobs[j].max_tokens for j in live), eos_token_id=eos, pad_token_id=pad,
-                logits_processor=LogitsProcessorList([self.process]),
-                stopping_criteria=StoppingCriteriaList([self.tap]))
-        for j in range(len(self.jobs)):  # generate reached its own length limit
-            if not self.finished[j]:
-                self._finish(j)
+        engine, model = self.engine, self.engine.model
+        new = [_Rows(job, model.device) for job in jobs]
+        lengths = torch.tensor([r.ids.shape[1] for r in new for _ in range(r.job.n)], device=model.device)
+        width = int(lengths.max())
+        ids = torch.cat([torch.nn.functional.pad(r.ids, (width - r.ids.shape[1], 0), value=engine.pad_token_id)
+                         for r in new])
+        engine._count(batches=1, batched_rows=len(ids))
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=_mask(lengths, width),
+                            position_ids=_positions(lengths, width, width), use_cache=True, logits_to_keep=1)
+        except Exception as exc:
+            for r in new:
+                self._fail(r, exc)
+            return
+        cache = _cache_of(out)
+        joinable = _joinable(cache)
+        if self.running and not joinable:  # never reached: admit() is only called with rows free
+            raise RuntimeError("this model's cache cannot be joined")
+        self._choose(new, out.logits[:, -1, :])
+        self._join(new, cache, lengths, width, joinable)
+        self._leave()
+        with engine._lock:
+            engine.counters["max_batch_rows"] = max(engine.counters["max_batch_rows"], self.rows)
 
-    def process(self, input_ids, scores):
-        """The batch's one logits processor: each live job's rows through that job's own guard,
-        recorder and sampler."""
+    def step(self) -> None:
+        """One decoding step of every running row: the model reads each row's last token, each job
+        chooses its next tokens, and the jobs that have ended leave."""
         import torch
 
-        for j, job in enumerate(self.jobs):
-            if self.finished[j]:
-                continue
-            start, padding = self.spans[j]
-            rows = slice(start, start + job.n)
-            part = scores[rows]
-            if job.ignore_eos:
-                part[:, sorted(job.tracker.vocabulary.eos_ids)] = float("-inf")
-            if job.processor is not None:
-                part = job.processor(input_ids[rows, padding:].contiguous(), part)
-            if self.recorders[j] is not None:
-                self.recorders[j](None, part)
-            if self.generators[j] is not None:
-                chosen = sample(part, job.temperature, job.top_p, self.generators[j])
-                part = torch.full_like(part, float("-inf")).scatter_(1, chosen, 0.0)
-            scores[rows] = part
-        return scores
+        last = torch.cat([r.ids[:, -1:] for r in self.running])
+        self.engine._count(steps=1)
+        try:
+            with torch.no_grad():
+                out = self.engine.model(input_ids=last, attention_mask=_mask(self.lengths + 1, self.width + 1),
+                                        position_ids=self.lengths[:, None], use_cache=True,
+                                        **{self.cache_argument: self.cache})
+        except Exception as exc:  # the model itself: every running job fails, the worker goes on
+            for r in self.running:
+                self._fail(r, exc)
+            self.running, self.cache = [], None
+            return
+        self.cache, self.lengths, self.width = _cache_of(out), self.lengths + 1, self.width + 1
+        self._choose(self.running, out.logits[:, -1, :])
+        self._leave()
 
-    def tap(self, input_ids, scores, **kwargs):
-        """The stopping criterion, called after every generated token: feed each live row's token
-        (and its logprob entry) to its job, stream what may be sent, end the rows that are done, and
-        answer each job whose rows have all ended."""
+    def _choose(self, group: list, logits) -> None:
+        """Each job of ``group`` (whose rows are ``logits``' rows, in order) chooses and feeds its tokens."""
+        first = 0
+        for r in group:
+            scores, first = logits[first:first + r.job.n], first + r.job.n
+            if r.finished:
+                continue
+            try:
+                r.feed(r.choose(scores), self.engine.pad_token_id)
+            except Exception as exc:  # this job's guard (or sampler): only this job fails
+                self._fail(r, exc)
+                continue
+            if all(r.ended):
+                r.finished = True
+                self.on_done(r.job, r.outcomes())
+
+    def _fail(self, r: _Rows, exc: Exception) -> None:
+        r.finished = True
+        if self.on_failed is None:
+            raise exc
+        self.on_failed(r.job, exc)
+
+    def _join(self, new: list, cache, lengths, width: int, joinable: bool) -> None:
+        """Add the prefilled ``new`` rows (their ``cache`` of ``width`` columns) to the running ones."""
         import torch
 
-        last = input_ids[:, -1].tolist()
-        ends = [True] * len(last)
-        for j, job in enumerate(self.jobs):
-            if self.finished[j]:
-                continue
-            start, _ = self.spans[j]
-            cancelled = job.cancelled.is_set()
-            for row in range(job.n):
-                if self.ended[j][row]:
-                    continue
-                token = last[start + row]
-                recorder = self.recorders[j]
-                stop = job.feed(token, row, recorder.entry(row, token) if recorder is not None else None)
-                if stop or job.done(row) or cancelled or job.trackers[row].tokens >= job.max_tokens:
-                    self.ended[j][row] = True
-                    self.stopped[j][row] = self._is_stopped(job, row)
-                else:
-                    ends[start + row] = False
-            if all(self.ended[j]):
-                self._finish(j)
-        return torch.tensor(ends, dtype=torch.bool, device=input_ids.device)
+        if not self.running:
+            self.running, self.cache, self.lengths, self.width, self.joinable = new, cache, lengths, width, joinable
+            return
+        total = max(self.width, width)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, torch.cat([_pad_left(a, total), _pad_left(b, total)]))
+        self.running += new
+        self.lengths, self.width = torch.cat([self.lengths, lengths]), total
 
-    @staticmethod
-    def _is_stopped(job: Job, row: int) -> bool:
-        guides = job.processor.guides if job.processor is not None else []
-        return row < len(guides) and guides[row].is_stopped
+    def _leave(self) -> None:
+        """Drop the finished jobs' rows from the cache (a joinable one), then the columns no row needs."""
+        import torch
 
-    def _finish(self, j: int) -> None:
-        job = self.jobs[j]
-        self.finished[j] = True
-        telemetry = getattr(job.processor, "telemetry", None)
-        outcomes = [job.outcome(stopped=self.stopped[j][row] if self.ended[j][row] else self._is_stopped(job, row),
-                                report=telemetry.report(row) if telemetry is not None else None, row=row)
-                    for row in range(job.n)]
-        self.on_done(job, outcomes)
+        if not any(r.finished for r in self.running):
+            return
+        if all(r.finished for r in self.running):
+            self.running, self.cache, self.lengths, self.width = [], None, None, 0
+            return
+        if not self.joinable:
+            return
+        keep, first = [], 0
+        for r in self.running:
+            if not r.finished:
+                keep += range(first, first + r.job.n)
+            first += r.job.n
+        index = torch.tensor(keep, device=self.lengths.device)
+        self.cache.batch_select_indices(index)
+        self.running = [r for r in self.running if not r.finished]
+        self.lengths = self.lengths[index]
+        unused = self.width - int(self.lengths.max())
+        if unused:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.width -= unused
+
+
+def _mask(lengths, width: int):
+    """The attention mask of rows whose real tokens are the last ``lengths[row]`` of ``width`` columns."""
+    import torch
+
+    return (torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]).long()
+
+
+def _positions(lengths, width: int, count: int):
+    """The position ids of the last ``count`` of ``width`` columns (a padding column gets 0)."""
+    import torch
+
+    columns = torch.arange(width - count, width, device=lengths.device)[None, :]
+    return (columns - (width - lengths)[:, None]).clamp(min=0)
+
+
+def _pad_left(tensor, width: int):
+    """A key/value tensor (batch, heads, columns, dim) with zero columns added on the left up to ``width``."""
+    import torch
+
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
+def _cache_keyword(model) -> str:
+    """The name of the model's cache argument: ``cache`` (transformers 5.25 and later), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    """The cache a forward returned (``cache``, or ``past_key_values`` before transformers 5.25)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def _joinable(cache) -> bool:
+    """Whether rows can join and leave ``cache`` (see :class:`Batch`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def sample(scores, temperature: float, top_p: float, generator):
