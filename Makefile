@@ -54,7 +54,7 @@ test-vllm: vllm-env
 
 # Every figure of the README, in order: engine overhead and scale (peers side by side, context-length
 # sweep), compile stages, structured outputs, the step and batch breakdowns, telemetry cost, the
-# injection corpus, the red-team evaluation and the server load test; then targets.py, which records
+# injection corpus, the red-team evaluation and the server load test (float32, then bfloat16); then targets.py, which records
 # this run's figures in results/targets_history.json and renders every target met or missed, with
 # the peers' ratios, as results/targets.{md,png} (about 1.5 h on 2 cores).
 bench: env
@@ -68,6 +68,7 @@ bench: env
 	$(PY) benchmarks/injection.py
 	$(PY) benchmarks/redteam.py
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/load.py --dtype bfloat16
 	$(PY) benchmarks/targets.py
 
 clean:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Load benchmark of ``safedecode serve``: requests/s and latency under N concurrent clients.
 
-    .venv/bin/python benchmarks/load.py              # 1, 4, 8 and 16 clients (6 requests, then 3 per client)
+    .venv/bin/python benchmarks/load.py              # 1, 4, 8 and 16 clients (8 requests, then 6 per client)
     .venv/bin/python benchmarks/load.py --quick      # 1 and 4 clients, one round
     .venv/bin/python benchmarks/load.py --max-batch 1    # the server without batching (one at a time)
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000   # an already running server
@@ -212,8 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 4 clients, one round, fewer requests")
     ap.add_argument("--clients", help="numbers of concurrent clients, comma-separated (default 1,4,8,16; quick 1,4)")
     ap.add_argument("--requests-per-client", type=int,
-                    help="requests per scenario and client with several clients (default 3, quick 2)")
-    ap.add_argument("--solo-requests", type=int, help="requests per scenario with one client (default 6, quick 3)")
+                    help="requests per scenario and client with several clients (default 6: the batch then runs full between its ramp-up and ramp-down; quick 2)")
+    ap.add_argument("--solo-requests", type=int, help="requests per scenario with one client (default 8, quick 3)")
     ap.add_argument("--max-seconds", type=float, default=180, help="time cap per scenario (default 180)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds over the scenarios (default 2, quick 1)")
     ap.add_argument("--max-batch", type=int, default=16, help="the started server's --max-batch (default 16)")
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(harness.RESULTS))
     args = ap.parse_args(argv)
     args.client_counts = [int(c) for c in (args.clients or ("1,4" if args.quick else "1,4,8,16")).split(",")]
-    args.requests_per_client = args.requests_per_client or (2 if args.quick else 3)
-    args.solo_requests = args.solo_requests or (3 if args.quick else 6)
+    args.requests_per_client = args.requests_per_client or (2 if args.quick else 6)
+    args.solo_requests = args.solo_requests or (3 if args.quick else 8)
     args.rounds = args.rounds or (1 if args.quick else 2)
     if args.url:
         args.threads = args.dtype = None  # the running server's own

@@ -5,12 +5,13 @@ the other benchmarks wrote, over every run recorded.
     .venv/bin/python benchmarks/targets.py            # run last by `make bench`
     .venv/bin/python benchmarks/targets.py --render   # re-render targets.md/png from the history only
 
-It reads ``benchmarks/results/{overhead,scale,context,compile,load,structured,vllm_overhead}.json``
+It reads ``benchmarks/results/{overhead,scale,context,compile,load,load_bfloat16,structured,vllm_overhead}.json``
 (whatever is there; ``vllm_overhead.py`` runs in the vLLM environment, outside ``make bench``), takes
-one figure per target from them, and appends that snapshot to ``results/targets_history.json`` (a
-snapshot that agrees with the last one on every figure both have — the same result files read again,
-perhaps with one file more — completes the last one instead). ``results/targets.md`` then gives, per
-target, the range over all recorded runs, the latest value, met / missed (met only if every run met
+one figure per target from them, and appends that snapshot to ``results/targets_history.json``. A
+result file counts once: the snapshot records the sha256 of each file it read, and a file already
+recorded (read again, unchanged) is left out, so a run of one benchmark (``load.py`` alone) adds its
+figures only. ``results/targets.md`` then gives, per target, the range over all recorded runs, the
+latest value, met / missed (met only if every run met
 it), the peers' ratios (peer time / safedecode time: how many times faster safedecode is, measured in
 the same run and configuration) and, for a miss, what bounds it. ``results/targets.png`` plots each
 figure against its target. Nothing here times anything: the figures are the benchmarks' own.
@@ -18,6 +19,7 @@ figure against its target. Nothing here times anything: the figures are the benc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -98,10 +100,15 @@ TARGETS = [
      "the token automaton: ~68,000 token states, each walked against the ~2,300-node trie of its reference"),
     ("cached_load", "cached load, largest compile.py workload", "<=", 50.0, "ms", "reading and checking the table file (44 MB for 10,000 phrases at 151k)"),
     ("table_248k", "tables, 1,000 phrases + 10 regexes, 248k", "<=", 64.0, "MB", "—"),
-    ("server_rps_8", "server: requests/s at 8 clients / at 1 (secrets)", ">=", 4.0, "×",
-     "the model: SmolLM2's batched forward on one CPU thread costs 2.1× a single row's at 8 rows"),
-    ("server_p50_8", "server: p50 latency at 8 clients / at 1 (secrets)", "<=", 2.0, "×",
-     "the same batched forward; no continuous batching (a batch runs to its end)"),
+    # continuous batching (2026-12-05; the keys of the former run-to-the-end batches stay in the history)
+    ("serve_rps_8", "server: requests/s at 8 clients / at 1 (secrets, float32)", ">=", 4.0, "×",
+     "the model: SmolLM2's float32 forward costs ~1.85–2× at 8 rows what it costs at 1 (2 threads: 62 vs 34 ms)"),
+    ("serve_p50_8", "server: p50 latency at 8 clients / at 1 (secrets, float32)", "<=", 2.0, "×",
+     "the same batched float32 forward, plus the joining requests' prefills"),
+    ("serve_rps_8_bf16", "server: requests/s at 8 clients / at 1 (secrets, --dtype bfloat16)", ">=", 4.0, "×",
+     "the model's bfloat16 forward (~1.15× at 8 rows)"),
+    ("serve_p50_8_bf16", "server: p50 latency at 8 clients / at 1 (secrets, --dtype bfloat16)", "<=", 2.0, "×",
+     "the model's bfloat16 forward"),
     ("vllm_apply_4", "vLLM plugin `apply`, 4 guarded rows (secrets.toml, CPU, p50)", "<=", 30.0, "µs",
      "per-row Python bookkeeping (~2 µs/row) around one numba call"),
     ("structured_p50", "JSON schema step p50 (person schema, with secrets.toml)", None, None, "µs", "—"),
@@ -109,10 +116,24 @@ TARGETS = [
 PEERS = ["TemperatureLogitsWarper", "NoBadWords", "llguidance", "xgrammar", "outlines-core"]
 
 
-def figures(out: Path) -> dict:
-    """One value per target (None: not measured), and per target the peers' ratios."""
-    overhead, scale, context, compile_, load, structured, vllm = (
-        _load(out, n) for n in ("overhead", "scale", "context", "compile", "load", "structured", "vllm_overhead"))
+SOURCES = ("overhead", "scale", "context", "compile", "load", "load_bfloat16", "structured", "vllm_overhead")
+
+
+def digests(out: Path) -> dict:
+    """``{result file: sha256 of its bytes}`` for the result files present."""
+    found = {}
+    for name in SOURCES:
+        path = out / f"{name}.json"
+        if path.exists():
+            found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def figures(out: Path, skip=()) -> dict:
+    """One value per target (None: not measured), and per target the peers' ratios, from the result
+    files present but those in ``skip`` (already recorded)."""
+    overhead, scale, context, compile_, load, load_bf16, structured, vllm = (
+        None if n in skip else _load(out, n) for n in SOURCES)
     values, ratios = {}, {}
 
     ctx = (scale or {}).get("context") or (context or {}).get("context") or {}  # make bench: scale.py
@@ -159,10 +180,11 @@ def figures(out: Path) -> dict:
     if xg.get("compile_s") and (xg.get("safedecode") or {}).get("cold_compile_s"):
         ratios["compile_phrases"] = xg["compile_s"] / xg["safedecode"]["cold_compile_s"]
 
-    one, eight = _scenario(load, "completions, policy secrets", 1), _scenario(load, "completions, policy secrets", 8)
-    if one and eight:
-        values["server_rps_8"] = eight["requests_per_s"] / one["requests_per_s"]
-        values["server_p50_8"] = eight["p50_s"] / one["p50_s"]
+    for suffix, run in (("", load), ("_bf16", load_bf16)):
+        one, eight = _scenario(run, "completions, policy secrets", 1), _scenario(run, "completions, policy secrets", 8)
+        if one and eight:
+            values["serve_rps_8" + suffix] = eight["requests_per_s"] / one["requests_per_s"]
+            values["serve_p50_8" + suffix] = eight["p50_s"] / one["p50_s"]
 
     for a in (vllm or {}).get("apply", []):
         if a["rows"] == 4 and a["states"] == "distinct":
@@ -201,8 +223,10 @@ def _fmt(x, unit):
 
 def render(history: list) -> str:
     L = ["# Targets: met or missed", "",
-         f"Generated by `benchmarks/targets.py` from {len(history)} recorded run(s) of `make bench` "
-         f"({', '.join(h['when'] for h in history)}); each figure is the benchmarks' own (see their result files). "
+         f"Generated by `benchmarks/targets.py` from {len(history)} recorded snapshot(s) "
+         f"({', '.join(h['when'] + ('' if len(h['values']) > 4 else ' (' + ', '.join(h.get('sources', {})) + ')') for h in history)}): "
+         "a full `make bench`, or the one benchmark run then (in brackets); each figure is the benchmarks' own "
+         "(see their result files). "
          "*Range*: min–max over the runs that measured it; *met* only if every run met it. *Ratios*: peer's "
          "time / safedecode's in the same run and configuration (× faster); — where the peer cannot express "
          "the policy or was not run.", "",
@@ -210,7 +234,7 @@ def render(history: list) -> str:
          "|---|---|---|---|---|---|---|"]
     for key, what, cmp, target, unit, bound in TARGETS:
         vals = [h["values"].get(key) for h in history if h["values"].get(key) is not None]
-        latest = history[-1]["values"].get(key) if history else None
+        latest = vals[-1] if vals else None
         goal = "report" if cmp is None else f"{'≤' if cmp == '<=' else '≥'} {target:g} {unit}"
         if vals:
             rng = f"{_fmt(min(vals), unit)}–{_fmt(max(vals), unit)} {unit} ({len(vals)})"
@@ -219,7 +243,7 @@ def render(history: list) -> str:
         verdicts = [_met(cmp, target, v) for v in vals]
         met = "—" if cmp is None or not vals else ("**met**" if all(verdicts) else
                                                    ("missed" if not any(verdicts) else "in some runs"))
-        rat = history[-1]["ratios"].get(key, {}) if history else {}
+        rat = next((h["ratios"][key] for h in reversed(history) if h["ratios"].get(key)), {})
         rtxt = ", ".join(f"{p} {r:.0f}×" if r >= 10 else f"{p} {r:.1f}×" for p, r in rat.items() if r is not None) or "—"
         L.append(f"| {what} | {goal} | {rng} | {_fmt(latest, unit)} | {met} | {rtxt} | "
                  f"{bound if met in ('missed', 'in some runs') else ''} |")
@@ -268,19 +292,18 @@ def main(argv=None) -> int:
     hist_path = args.out / HISTORY
     history = json.loads(hist_path.read_text()) if hist_path.exists() else []
     if not args.render:
-        snap = figures(args.out)
-        if not snap["values"]:
+        found = digests(args.out)
+        if not found:
             raise SystemExit(f"targets: no benchmark results in {args.out}: run `make bench` first")
-        last = history[-1] if history else None
-        if last and all(last["values"].get(k, v) == v for k, v in snap["values"].items()) \
-                and all(last["ratios"].get(k, v) == v for k, v in snap["ratios"].items()):
-            # the same result files read again, perhaps with one more (vllm_overhead.py runs apart):
-            # the same run, completed
-            last["values"].update(snap["values"])
-            last["ratios"].update(snap["ratios"])
-        else:
+        recorded = {digest for h in history for digest in h.get("sources", {}).values()}
+        fresh = {name: digest for name, digest in found.items() if digest not in recorded}
+        snap = figures(args.out, skip=set(found) - set(fresh))
+        if snap["values"]:  # a figure counts once per result file that measured it
+            snap["sources"] = fresh
             history.append(snap)
-        harness.write_json(hist_path, history)
+            harness.write_json(hist_path, history)
+        else:
+            print("targets: every result file was recorded already; rendering the history", file=sys.stderr)
     text = render(history)
     harness.write_text(args.out / "targets.md", text)
     plot(history, args.out / "targets.png")

@@ -309,3 +309,32 @@ def test_a_bfloat16_engine_keeps_every_guard(server):
             _judge(done[id(job)], i)
     finally:
         engine.close()
+
+
+def test_a_model_error_fails_the_jobs_it_ran_for_and_the_next_ones_run(server, monkeypatch):
+    model, calls = server.engine.model, []
+
+    class Flaky:  # the model, raising once: at its third call (a decoding step of both jobs)
+        device, config, forward = model.device, model.config, model.forward
+
+        def __call__(self, **inputs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("out of memory")
+            return model(**inputs)
+
+    monkeypatch.setattr(server.engine, "model", Flaky())
+    first, second = _job(server, 0, max_tokens=6), _job(server, 7, max_tokens=6)
+    done, failed = {}, {}
+    batch = Batch(server.engine, on_done=lambda job, o: done.__setitem__(id(job), o[0]),
+                  on_failed=lambda job, exc: failed.__setitem__(id(job), str(exc)))
+    batch.admit([first])
+    batch.admit([second])  # calls 1 and 2: the prefills
+    batch.step()           # call 3: fails both
+    assert failed == {id(first): "out of memory", id(second): "out of memory"} and not done and batch.empty
+    third = _job(server, 2, max_tokens=6)
+    batch.admit([third])
+    while not batch.empty:
+        batch.step()
+    monkeypatch.undo()
+    assert done[id(third)].text == _run(server, [_job(server, 2, max_tokens=6)])[0][0].text

@@ -1,18 +1,19 @@
-"""The generation worker: one model, batches of generations, streamed token by token.
+"""The generation worker: one model, continuous batching, every job streamed token by token.
 
 Invariants:
-  * **no cross-talk**: exactly one thread (the worker) ever runs the model. It takes the jobs
-    waiting (up to ``max_batch`` rows) and runs them as one batched ``generate`` (:class:`Batch`),
-    but every job carries its own logits processor (per-generation state; it sees only its own
-    rows, its padding cut off), its own sampler (temperature, top_p, its own seeded generator),
+  * **no cross-talk**: exactly one thread (the worker) ever runs the model. It keeps one
+    :class:`Batch` of rows in flight and admits waiting jobs between steps (up to ``max_batch``
+    rows), but every job carries its own logits processor (per-generation state; it sees only its
+    own rows' ids, never padding), its own sampler (temperature, top_p, its own seeded generator),
     its own stopping rules and its own :class:`TextTracker`, so nothing is shared between requests
     but the immutable model and compiled policies. A request's answer is therefore the same whether
     it ran alone or among others (given the same seed, or greedy decoding), up to floating point:
-    left padding changes the model's numerics slightly, which can flip a near tie (see the README,
-    "Serving");
-  * **cancellation frees the row**: :meth:`Job.cancel` (a client disconnected) is checked after
-    every token by a ``StoppingCriteria``, so the job's rows end at the next step and it is
-    answered while the others go on; a job cancelled while queued never starts;
+    padding and the batch's size change the model's numerics slightly, which can flip a near tie
+    (see the README, "Serving");
+  * **a job ends on its own**: EOS, a stop string, ``max_tokens`` or :meth:`Job.cancel` (a client
+    disconnected), checked after every token; the job is answered at once and its rows leave the
+    batch while the others go on; a job cancelled while queued never starts; a job whose guard
+    raises is answered with the error, the others go on;
   * **only guarded text is streamed**: the text is the generated tokens' bytes decoded exactly as
     DESIGN §1 defines it (an incomplete UTF-8 tail is held back), and a delta never goes past a
     token boundary — the points where the guard's prefix-safety holds — nor into a possible stop
@@ -582,21 +583,18 @@ class Batch:
         ids = torch.cat([torch.nn.functional.pad(r.ids, (width - r.ids.shape[1], 0), value=engine.pad_token_id)
                          for r in new])
         engine._count(batches=1, batched_rows=len(ids))
-        try:
-            with torch.no_grad():
-                out = model(input_ids=ids, attention_mask=_mask(lengths, width),
-                            position_ids=_positions(lengths, width, width), use_cache=True, logits_to_keep=1)
-        except Exception as exc:
-            for r in new:
-                self._fail(r, exc)
+        out = self._forward(new, input_ids=ids, attention_mask=_mask(lengths, width),
+                            position_ids=_positions(lengths, width, width), logits_to_keep=1)
+        if out is None:
             return
-        cache = _cache_of(out)
-        joinable = _joinable(cache)
-        if self.running and not joinable:  # never reached: admit() is only called with rows free
-            raise RuntimeError("this model's cache cannot be joined")
-        self._choose(new, out.logits[:, -1, :])
-        self._join(new, cache, lengths, width, joinable)
-        self._leave()
+        with self._aborting(new):
+            cache = _cache_of(out)
+            joinable = _joinable(cache)
+            if self.running and not joinable:  # never reached: admit() is only called with rows free
+                raise RuntimeError("this model's cache cannot be joined")
+            self._choose(new, out.logits[:, -1, :])
+            self._join(new, cache, lengths, width, joinable)
+            self._leave()
         with engine._lock:
             engine.counters["max_batch_rows"] = max(engine.counters["max_batch_rows"], self.rows)
 
@@ -607,19 +605,43 @@ class Batch:
 
         last = torch.cat([r.ids[:, -1:] for r in self.running])
         self.engine._count(steps=1)
+        out = self._forward(self.running, input_ids=last, attention_mask=_mask(self.lengths + 1, self.width + 1),
+                            position_ids=self.lengths[:, None], **{self.cache_argument: self.cache})
+        if out is None:
+            return
+        with self._aborting():
+            self.cache, self.lengths, self.width = _cache_of(out), self.lengths + 1, self.width + 1
+            self._choose(self.running, out.logits[:, -1, :])
+            self._leave()
+
+    def _forward(self, group: list, **inputs):
+        """The model's output for ``inputs``, or None when the model raised: then the jobs of
+        ``group`` (the rows it ran for) fail, and the worker goes on."""
+        import torch
+
         try:
             with torch.no_grad():
-                out = self.engine.model(input_ids=last, attention_mask=_mask(self.lengths + 1, self.width + 1),
-                                        position_ids=self.lengths[:, None], use_cache=True,
-                                        **{self.cache_argument: self.cache})
-        except Exception as exc:  # the model itself: every running job fails, the worker goes on
-            for r in self.running:
+                return self.engine.model(use_cache=True, **inputs)
+        except Exception as exc:
+            self._abort(exc, group)
+            return None
+
+    @contextlib.contextmanager
+    def _aborting(self, new=()):
+        """Around the bookkeeping after a forward: an error there (a bug, never a request's input:
+        a guard's errors fail only its job, in :meth:`_choose`) fails every job running or joining
+        and empties the batch, so the worker keeps serving."""
+        try:
+            yield
+        except Exception as exc:
+            self._abort(exc, self.running + [r for r in new if r not in self.running])
+
+    def _abort(self, exc: Exception, group: list) -> None:
+        if any(r in self.running for r in group):
+            self.running, self.cache, self.lengths, self.width = [], None, None, 0
+        for r in group:
+            if not r.finished:
                 self._fail(r, exc)
-            self.running, self.cache = [], None
-            return
-        self.cache, self.lengths, self.width = _cache_of(out), self.lengths + 1, self.width + 1
-        self._choose(self.running, out.logits[:, -1, :])
-        self._leave()
 
     def _choose(self, group: list, logits) -> None:
         """Each job of ``group`` (whose rows are ``logits``' rows, in order) chooses and feeds its tokens."""
