@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-queue", type=int, help="waiting requests beyond this get HTTP 503 (default 256)")
     p.add_argument("--max-batch", type=int, default=16,
-                   help="embedded engine: most rows (requests × n) generated together in one batch (default 16; "
-                        "1: one at a time)")
+                   help="embedded engine: most rows (requests × n) in flight at once; requests join the running "
+                        "batch between decoding steps (default 16; 1: one at a time)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="embedded engine: the model's weights and activations (default float32: the same answers "
                         "as safedecode.generate; bfloat16 is faster on CPUs with AMX or AVX512-BF16 and batches "
