@@ -262,7 +262,7 @@ def test_a_cache_that_cannot_be_joined_runs_its_batch_to_the_end_first(server, m
     from safedecode.server import worker
 
     monkeypatch.setattr(worker, "_joinable", lambda cache: False)
-    engine = server.engine
+    engine = Engine(server.engine.model, server.engine.tokenizer, max_queue=8)  # it learns at its first forward
 
     async def go():
         long = engine.submit(_job(server, 0, max_tokens=12, ignore_eos=True, stream=True))
@@ -276,7 +276,10 @@ def test_a_cache_that_cannot_be_joined_runs_its_batch_to_the_end_first(server, m
         return events
 
     before = engine.stats()
-    events = asyncio.run(go())
+    try:
+        events = asyncio.run(go())
+    finally:
+        engine.close()
     after = engine.stats()
     assert [kind for kind, _ in events] == ["done", "done"]
     assert after["steps"] - before["steps"] == (12 - 1) + (3 - 1)  # one after the other: no shared step
@@ -338,3 +341,59 @@ def test_a_model_error_fails_the_jobs_it_ran_for_and_the_next_ones_run(server, m
         batch.step()
     monkeypatch.undo()
     assert done[id(third)].text == _run(server, [_job(server, 2, max_tokens=6)])[0][0].text
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(server, monkeypatch):
+    """Chunked prefill: a prompt longer than the engine's ``prefill_chunk`` is read a chunk per
+    step in its own cache while the running rows keep decoding, then joins; its answer passes its
+    own policy and equals its answer alone, and the running job's too."""
+    monkeypatch.setattr(server.engine, "prefill_chunk", 8)
+
+    def make():
+        running = _job(server, 2, max_tokens=16, ignore_eos=True)
+        long = _job(server, 5, max_tokens=6, ignore_eos=True)
+        long.input_ids = server.engine.tokenizer("Some context. " * 6)["input_ids"] + list(long.input_ids)
+        return running, long
+
+    running, long = make()
+    alone = {}
+    for i, job in zip(("running", "long"), make()):  # alone, in a batch that has read no cache yet: one prefill
+        alone[i] = _run(server, [job])[0][0].text
+    chunks = -(-len(long.input_ids) // 8)
+    assert chunks >= 4
+    done = {}
+    batch = Batch(server.engine, on_done=lambda job, outcomes: done.__setitem__(id(job), outcomes[0]))
+    batch.admit([running])
+    assert batch.joinable is True
+    batch.admit([long])
+    assert batch.prefilling and batch.rows == 2
+    for k in range(chunks):  # each step: one decoding step of `running`, one chunk of `long`
+        before = running.trackers[0].tokens
+        batch.step()
+        assert running.trackers[0].tokens == before + 1
+        assert (long.trackers[0].tokens == 0) == (k < chunks - 1)
+    assert not batch.prefilling and len(batch.running) == 2
+    while not batch.empty:
+        batch.step()
+    _judge(done[id(long)], 5)
+    _judge(done[id(running)], 2)
+    assert done[id(running)].text == alone["running"]
+    assert done[id(long)].text == alone["long"], (done[id(long)].text, alone["long"])
+
+
+def test_a_long_prompt_cancelled_while_it_is_prefilled_never_joins(server, monkeypatch):
+    monkeypatch.setattr(server.engine, "prefill_chunk", 8)
+    running, long = _job(server, 2, max_tokens=6, ignore_eos=True), _job(server, 5, max_tokens=6)
+    long.input_ids = server.engine.tokenizer("Some context. " * 6)["input_ids"] + list(long.input_ids)
+    done = {}
+    batch = Batch(server.engine, on_done=lambda job, outcomes: done.__setitem__(id(job), outcomes[0]))
+    batch.admit([running])
+    batch.admit([long])
+    batch.step()
+    long.cancel()
+    batch.step()
+    assert done[id(long)].finish_reason == "cancelled" and done[id(long)].completion_tokens == 0
+    assert not batch.prefilling and [r.job for r in batch.running] == [running]
+    while not batch.empty:
+        batch.step()
+    assert done[id(running)].completion_tokens == 6

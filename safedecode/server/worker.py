@@ -351,18 +351,24 @@ class Engine(EngineBase):
     admission back for requests still being prepared (:meth:`EngineBase.arriving`: their prompt is
     being encoded and their guard compiled), so that clients that sent together share one prefill;
     0 starts at once. While rows are running it never waits: late arrivals join a step later.
+    ``prefill_chunk``: a prompt longer than this many tokens is read that many per step while the
+    others decode (:class:`Batch`'s chunked prefill).
 
     Only the worker thread runs the model, the warm-up included (:meth:`EngineBase.run`): with
     torch's OpenMP backend, one parallel torch operation on a second thread (the event loop's)
     leaves that thread's own pool of OpenMP threads behind, and every later step of the worker then
     took ~70% longer on 2 cores (33 → 57 ms per SmolLM2 step at 2 threads)."""
 
-    def __init__(self, model, tokenizer, max_queue: int, max_batch: int = 16, batch_wait: float = 0.25):
+    def __init__(self, model, tokenizer, max_queue: int, max_batch: int = 16, batch_wait: float = 0.25,
+                 prefill_chunk: int = 256):
         super().__init__(tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30), max_queue)
         if max_batch < 1:
             raise SafeDecodeError(f"--max-batch {max_batch}: must be at least 1")
+        if prefill_chunk < 1:
+            raise SafeDecodeError(f"prefill_chunk {prefill_chunk}: must be at least 1")
         self.model = model
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.batch_wait = batch_wait
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -458,6 +464,7 @@ class _Rows:
 
         self.job = job
         self.ids = torch.tensor([list(job.input_ids)] * job.n, device=device)
+        self.read, self.cache = 0, None  # chunked prefill: prompt tokens read so far, and their cache
         self.ended = [False] * job.n
         self.stopped = [False] * job.n
         self.finished = False
@@ -533,29 +540,38 @@ class Batch:
     the batch: see the README, "Serving"). Joining needs a cache whose layers are plain growing
     key/value tensors (transformers' ``DynamicCache`` of ``DynamicLayer`` s, as for Llama-family
     models); with any other cache (sliding windows, linear attention) the batch is not ``joinable``:
-    new jobs wait until it is empty, and rows stay in the cache until then.
+    new jobs wait until it is empty, and rows stay in the cache until then. ``joinable`` is None
+    until the model's first forward shows which.
+
+    **Chunked prefill**: once the cache is known to be joinable, a job whose prompt is longer than
+    ``chunk`` tokens (the engine's ``prefill_chunk``) is prefilled apart, ``chunk`` tokens per
+    :meth:`step` (:meth:`prefill_chunk`), in its own cache, and joins when its prompt is read: a
+    long prompt (an injected document) then pauses the running rows for one chunk's forward per
+    step, never for its whole prefill.
     """
 
     def __init__(self, engine: Engine, jobs=(), on_done=None, on_failed=None):
         self.engine, self.on_done, self.on_failed = engine, on_done, on_failed
         self.pending = list(jobs)  # for generate()
         self.running: list[_Rows] = []
+        self.prefilling: list[_Rows] = []  # long prompts read a chunk per step, in their own cache
         self.cache = None
         self.lengths = None  # per row: real tokens in the cache
         self.width = 0       # the cache's columns
-        self.joinable = True
+        self.joinable: Optional[bool] = None
+        self.chunk = getattr(engine, "prefill_chunk", None) or 1 << 62
         self.cache_argument = _cache_keyword(engine.model)
 
     @property
     def rows(self) -> int:
-        return sum(r.job.n for r in self.running)
+        return sum(r.job.n for r in self.running + self.prefilling)
 
     @property
     def empty(self) -> bool:
-        return not self.running
+        return not self.running and not self.prefilling
 
     def jobs(self) -> list:
-        return [r.job for r in self.running if not r.finished]
+        return [r.job for r in self.running + self.prefilling if not r.finished]
 
     def generate(self) -> None:
         """Run the jobs given at construction to the end, together (tests, the warm-up, benchmarks)."""
@@ -574,6 +590,9 @@ class Batch:
             if job.cancelled.is_set():
                 self.on_done(job, [job.outcome(stopped=False, row=row) for row in range(job.n)])
         jobs = [job for job in jobs if not job.cancelled.is_set()]
+        if self.joinable:  # long prompts: a chunk per step (prefill_chunk), apart
+            self.prefilling += [_Rows(job, self.engine.model.device) for job in jobs if len(job.input_ids) > self.chunk]
+            jobs = [job for job in jobs if len(job.input_ids) <= self.chunk]
         if not jobs:
             return
         engine, model = self.engine, self.engine.model
@@ -588,19 +607,65 @@ class Batch:
         if out is None:
             return
         with self._aborting(new):
-            cache = _cache_of(out)
-            joinable = _joinable(cache)
-            if self.running and not joinable:  # never reached: admit() is only called with rows free
-                raise RuntimeError("this model's cache cannot be joined")
-            self._choose(new, out.logits[:, -1, :])
-            self._join(new, cache, lengths, width, joinable)
-            self._leave()
-        with engine._lock:
-            engine.counters["max_batch_rows"] = max(engine.counters["max_batch_rows"], self.rows)
+            self._enter(new, out, lengths, width)
 
     def step(self) -> None:
-        """One decoding step of every running row: the model reads each row's last token, each job
-        chooses its next tokens, and the jobs that have ended leave."""
+        """One step: a decoding step of every running row (the model reads each row's last token,
+        each job chooses its next tokens, and the jobs that have ended leave), then one chunk of
+        the first long prompt being prefilled."""
+        if self.running:
+            self._decode()
+        if self.prefilling:
+            self.prefill_chunk()
+
+    def prefill_chunk(self) -> None:
+        """Read the next ``chunk`` tokens of the first long prompt into its own cache; once its
+        prompt is read, its first tokens are chosen and its rows join the running ones. A job
+        cancelled meanwhile is answered as such and never joins."""
+        import torch
+
+        r = self.prefilling[0]
+        if r.job.cancelled.is_set():
+            self.prefilling.pop(0)
+            r.finished = True
+            self.on_done(r.job, r.outcomes())
+            return
+        done, total = r.read, r.ids.shape[1]
+        end = min(total, done + self.chunk)
+        if done == 0:
+            self.engine._count(batches=1, batched_rows=r.job.n)
+        positions = torch.arange(done, end, device=r.ids.device).expand(r.job.n, -1)
+        out = self._forward([r], input_ids=r.ids[:, done:end], position_ids=positions, logits_to_keep=1,
+                            attention_mask=torch.ones(r.job.n, end, dtype=torch.long, device=r.ids.device),
+                            **({self.cache_argument: r.cache} if r.cache is not None else {}))
+        if out is None:
+            self.prefilling.pop(0)
+            return
+        r.cache, r.read = _cache_of(out), end
+        if end < total:
+            return
+        self.prefilling.pop(0)
+        lengths = torch.full((r.job.n,), total, device=r.ids.device)
+        cache, r.cache = r.cache, None
+        with self._aborting([r]):
+            self._enter([r], out, lengths, total, cache)
+
+    def _enter(self, new: list, out, lengths, width: int, cache=None) -> None:
+        """The prefilled ``new`` rows (their prompts read: ``out``'s cache of ``width`` columns)
+        choose their first tokens and join the running ones."""
+        cache = _cache_of(out) if cache is None else cache
+        joinable = _joinable(cache)
+        if self.joinable is None:
+            self.joinable = joinable
+        if self.running and not (joinable and self.joinable):  # never reached: admit() waits for rows
+            raise RuntimeError("this model's cache cannot be joined")
+        self._choose(new, out.logits[:, -1, :])
+        self._join(new, cache, lengths, width)
+        self._leave()
+        with self.engine._lock:
+            self.engine.counters["max_batch_rows"] = max(self.engine.counters["max_batch_rows"], self.rows)
+
+    def _decode(self) -> None:
         import torch
 
         last = torch.cat([r.ids[:, -1:] for r in self.running])
@@ -665,12 +730,12 @@ class Batch:
             raise exc
         self.on_failed(r.job, exc)
 
-    def _join(self, new: list, cache, lengths, width: int, joinable: bool) -> None:
+    def _join(self, new: list, cache, lengths, width: int) -> None:
         """Add the prefilled ``new`` rows (their ``cache`` of ``width`` columns) to the running ones."""
         import torch
 
         if not self.running:
-            self.running, self.cache, self.lengths, self.width, self.joinable = new, cache, lengths, width, joinable
+            self.running, self.cache, self.lengths, self.width = new, cache, lengths, width
             return
         total = max(self.width, width)
         for mine, theirs in zip(self.cache.layers, cache.layers):
