@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/load.py --max-batch 1    # the server without batching (one at a time)
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000   # an already running server
     .venv/bin/python benchmarks/load.py --agreement 64   # in process: greedy answers alone vs batched
+    .venv/bin/python benchmarks/load.py --prefill-pause 2000 --threads 2   # in process: chunked prefill
 
 Loopback only: it starts ``safedecode serve`` (embedded SmolLM2) on a free 127.0.0.1 port unless
 ``--url`` names a loopback server. Bounded: each scenario stops after ``--requests`` requests or
@@ -219,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="the started server's --max-batch (default 16)")
     ap.add_argument("--agreement", type=int, metavar="N",
                     help="instead: N greedy requests alone vs in batches of 8, in process (see above)")
+    ap.add_argument("--prefill-pause", type=int, metavar="TOKENS",
+                    help="instead: the running requests' longest gap between two tokens while a TOKENS-token "
+                         "prompt joins, per prefill chunk size (in process)")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the started server's --dtype (default float32, the server's default)")
@@ -241,6 +245,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.agreement:
         return agreement(args.agreement, out, args.dtype or "float32")
+    if args.prefill_pause:
+        return prefill_pause(args.prefill_pause, out, args.threads or 1)
 
     if args.url:
         scenarios = run_all(args.url.rstrip("/"), args)
@@ -322,6 +328,69 @@ def agreement(count: int, out: Path, dtype: str = "float32") -> int:
     stem = "load_agreement" if dtype == "float32" else f"load_agreement_{dtype}"
     harness.write_json(out / f"{stem}.json", {"count": count, "dtype": dtype, "alone": alone, **answers})
     harness.write_text(out / f"{stem}.md", "\n".join(lines).rstrip() + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def prefill_pause(tokens: int, out: Path, threads: int) -> int:
+    """4 greedy requests decoding (32 tokens each) while a request whose prompt is ``tokens`` tokens
+    long joins after their 4th token: the running requests' longest gap between two tokens, and the
+    long request's time to its first token, per prefill chunk size (whole prompt at once, 512, 256,
+    64), in process through :class:`~safedecode.server.worker.Batch`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from safedecode.server.app import Server
+    from safedecode.server.schemas import CompletionRequest
+    from safedecode.server.worker import Batch, Engine, load_model
+
+    model, tokenizer, _ = load_model("default")
+    rows = []
+    for chunk in (None, 512, 256, 64):
+        engine = Engine(model, tokenizer, max_queue=8, prefill_chunk=chunk or 1 << 30)
+        server = Server(engine, MODEL)
+
+        def job(text: str, max_tokens: int):
+            body = dict(model=MODEL, prompt=text, max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                        safedecode={"policy": "secrets"})
+            return server.prepare_completion(CompletionRequest(**body)).job
+
+        batch = Batch(engine, on_done=lambda job, outcomes: None)
+        batch.admit([job("Warm up.", 1)])  # the batch learns that the cache can be joined
+        while not batch.empty:
+            batch.step()
+        running = [job(f"Write a short note about the number {i}.", 32) for i in range(4)]
+        batch.admit(running)
+        long = job("Some context. " * (tokens // 3), 4)
+        gaps, last, joined_at, first_token = [], time.perf_counter(), None, None
+        step = 0
+        while not batch.empty:
+            if step == 4:
+                joined_at = time.perf_counter()
+                batch.admit([long])
+            batch.step()
+            now = time.perf_counter()
+            if any(not j.done(0) and j.trackers[0].tokens < 32 for j in running) or step < 31:
+                gaps.append(now - last)
+            if first_token is None and long.trackers[0].tokens and joined_at:
+                first_token = now - joined_at
+            last, step = now, step + 1
+        engine.close()
+        rows.append({"chunk": chunk, "prompt_tokens": len(long.input_ids), "max_gap_s": round(max(gaps), 3),
+                     "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 3),
+                     "long_first_token_s": round(first_token, 3) if first_token else None})
+        print(rows[-1], flush=True)
+    lines = ["# Chunked prefill: the running requests' pause while a long prompt joins", "",
+             f"`benchmarks/load.py --prefill-pause {tokens}` — 4 greedy requests decoding 32 tokens each "
+             f"(`secrets` policy) while a {rows[0]['prompt_tokens']}-token prompt joins after their 4th token; "
+             f"embedded {MODEL}, float32, {threads} torch thread(s), in process.", "",
+             "| prefill chunk | running requests: longest gap between tokens (s) | median gap (s) | "
+             "long prompt: first token after (s) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['chunk'] or 'whole prompt'} | {r['max_gap_s']} | {r['median_gap_s']} | "
+                     f"{r['long_first_token_s']} |")
+    harness.write_json(out / "load_prefill.json", {"tokens": tokens, "threads": threads, "rows": rows})
+    harness.write_text(out / "load_prefill.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
