@@ -397,3 +397,29 @@ def test_a_long_prompt_cancelled_while_it_is_prefilled_never_joins(server, monke
     while not batch.empty:
         batch.step()
     assert done[id(running)].completion_tokens == 6
+
+
+def test_the_warm_up_runs_on_the_worker_and_leaves_no_trace_in_the_counters(server):
+    import threading
+
+    engine, threads = server.engine, set()
+    job = _job(server, 4, max_tokens=5, ignore_eos=True)
+    guard = job.processor
+
+    class Recording:  # the job's guard, noting the thread that calls it: the one that ran the model
+        def __call__(self, ids, scores):
+            threads.add(threading.current_thread().name)
+            return guard(ids, scores)
+
+        def __getattr__(self, name):
+            return getattr(guard, name)
+
+    job.processor = Recording()
+    before = engine.stats()
+    (outcome,) = engine.run(job)
+    after = engine.stats()
+    assert threads == {"safedecode-engine"}
+    assert outcome.completion_tokens == 5 and outcome.finish_reason == "length"
+    _judge(outcome, 4)
+    assert {k: v for k, v in after.items() if k != "max_batch_rows"} == \
+        {k: v for k, v in before.items() if k != "max_batch_rows"}

@@ -324,7 +324,11 @@ class EngineBase:
     def run(self, job: Job) -> list:
         """Generate ``job`` to the end, outside a running event loop (the warm-up): one
         :class:`Outcome` per choice. It goes through :meth:`submit` like any request, so the embedded
-        model only ever runs on the engine's worker thread (see :class:`Engine`)."""
+        model only ever runs on the engine's worker thread (see :class:`Engine`); the counters are
+        left as they were (``/health`` counts requests only)."""
+        with self._lock:
+            counters = dict(self.counters)
+
         async def answered() -> list:
             self.submit(job)
             while True:
@@ -334,7 +338,11 @@ class EngineBase:
                 if kind == "done":
                     return value
 
-        return asyncio.run(answered())
+        try:
+            return asyncio.run(answered())
+        finally:
+            with self._lock:
+                self.counters.update(counters)
 
     def close(self) -> None:
         pass
