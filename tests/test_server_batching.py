@@ -294,7 +294,7 @@ def test_a_bfloat16_engine_keeps_every_guard(server):
     from safedecode.server.worker import load_model
 
     model, tokenizer, _ = load_model("default", "bfloat16")
-    assert next(model.parameters()).dtype.is_floating_point and str(next(model.parameters()).dtype) == "torch.bfloat16"
+    assert str(next(model.parameters()).dtype) == "torch.bfloat16"
     engine = Engine(model, tokenizer, max_queue=8, max_batch=8)
     try:
         fast = Server(engine, MODEL)
@@ -343,6 +343,12 @@ def test_a_model_error_fails_the_jobs_it_ran_for_and_the_next_ones_run(server, m
     assert done[id(third)].text == _run(server, [_job(server, 2, max_tokens=6)])[0][0].text
 
 
+def _with_context(server, job):
+    """``job`` with a prompt made longer (a few chunks of 8 tokens) by some context in front."""
+    job.input_ids = server.engine.tokenizer("Some context. " * 6)["input_ids"] + list(job.input_ids)
+    return job
+
+
 def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(server, monkeypatch):
     """Chunked prefill: a prompt longer than the engine's ``prefill_chunk`` is read a chunk per
     step in its own cache while the running rows keep decoding, then joins; its answer passes its
@@ -351,9 +357,7 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(ser
 
     def make():
         running = _job(server, 2, max_tokens=16, ignore_eos=True)
-        long = _job(server, 5, max_tokens=6, ignore_eos=True)
-        long.input_ids = server.engine.tokenizer("Some context. " * 6)["input_ids"] + list(long.input_ids)
-        return running, long
+        return running, _with_context(server, _job(server, 5, max_tokens=6, ignore_eos=True))
 
     running, long = make()
     alone = {}
@@ -383,8 +387,7 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(ser
 
 def test_a_long_prompt_cancelled_while_it_is_prefilled_never_joins(server, monkeypatch):
     monkeypatch.setattr(server.engine, "prefill_chunk", 8)
-    running, long = _job(server, 2, max_tokens=6, ignore_eos=True), _job(server, 5, max_tokens=6)
-    long.input_ids = server.engine.tokenizer("Some context. " * 6)["input_ids"] + list(long.input_ids)
+    running, long = _job(server, 2, max_tokens=6, ignore_eos=True), _with_context(server, _job(server, 5, max_tokens=6))
     done = {}
     batch = Batch(server.engine, on_done=lambda job, outcomes: done.__setitem__(id(job), outcomes[0]))
     batch.admit([running])

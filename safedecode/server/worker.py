@@ -552,7 +552,7 @@ class Batch:
     until the model's first forward shows which.
 
     **Chunked prefill**: once the cache is known to be joinable, a job whose prompt is longer than
-    ``chunk`` tokens (the engine's ``prefill_chunk``) is prefilled apart, ``chunk`` tokens per
+    the engine's ``prefill_chunk`` tokens is prefilled apart, that many tokens per
     :meth:`step` (:meth:`prefill_chunk`), in its own cache, and joins when its prompt is read: a
     long prompt (an injected document) then pauses the running rows for one chunk's forward per
     step, never for its whole prefill.
@@ -561,13 +561,9 @@ class Batch:
     def __init__(self, engine: Engine, jobs=(), on_done=None, on_failed=None):
         self.engine, self.on_done, self.on_failed = engine, on_done, on_failed
         self.pending = list(jobs)  # for generate()
-        self.running: list[_Rows] = []
         self.prefilling: list[_Rows] = []  # long prompts read a chunk per step, in their own cache
-        self.cache = None
-        self.lengths = None  # per row: real tokens in the cache
-        self.width = 0       # the cache's columns
+        self._clear()
         self.joinable: Optional[bool] = None
-        self.chunk = getattr(engine, "prefill_chunk", None) or 1 << 62
         self.cache_argument = _cache_keyword(engine.model)
 
     @property
@@ -598,9 +594,10 @@ class Batch:
             if job.cancelled.is_set():
                 self.on_done(job, [job.outcome(stopped=False, row=row) for row in range(job.n)])
         jobs = [job for job in jobs if not job.cancelled.is_set()]
-        if self.joinable:  # long prompts: a chunk per step (prefill_chunk), apart
-            self.prefilling += [_Rows(job, self.engine.model.device) for job in jobs if len(job.input_ids) > self.chunk]
-            jobs = [job for job in jobs if len(job.input_ids) <= self.chunk]
+        chunk = self.engine.prefill_chunk
+        if self.joinable:  # long prompts: a chunk per step, apart
+            self.prefilling += [_Rows(job, self.engine.model.device) for job in jobs if len(job.input_ids) > chunk]
+            jobs = [job for job in jobs if len(job.input_ids) <= chunk]
         if not jobs:
             return
         engine, model = self.engine, self.engine.model
@@ -611,7 +608,7 @@ class Batch:
                          for r in new])
         engine._count(batches=1, batched_rows=len(ids))
         out = self._forward(new, input_ids=ids, attention_mask=_mask(lengths, width),
-                            position_ids=_positions(lengths, width, width), logits_to_keep=1)
+                            position_ids=_positions(lengths, width), logits_to_keep=1)
         if out is None:
             return
         with self._aborting(new):
@@ -639,7 +636,7 @@ class Batch:
             self.on_done(r.job, r.outcomes())
             return
         done, total = r.read, r.ids.shape[1]
-        end = min(total, done + self.chunk)
+        end = min(total, done + self.engine.prefill_chunk)
         if done == 0:
             self.engine._count(batches=1, batched_rows=r.job.n)
         positions = torch.arange(done, end, device=r.ids.device).expand(r.job.n, -1)
@@ -653,15 +650,14 @@ class Batch:
         if end < total:
             return
         self.prefilling.pop(0)
-        lengths = torch.full((r.job.n,), total, device=r.ids.device)
-        cache, r.cache = r.cache, None
+        r.cache = None  # from here on, the batch's (out's cache is this chunk's: the whole prompt's)
         with self._aborting([r]):
-            self._enter([r], out, lengths, total, cache)
+            self._enter([r], out, torch.full((r.job.n,), total, device=r.ids.device), total)
 
-    def _enter(self, new: list, out, lengths, width: int, cache=None) -> None:
+    def _enter(self, new: list, out, lengths, width: int) -> None:
         """The prefilled ``new`` rows (their prompts read: ``out``'s cache of ``width`` columns)
         choose their first tokens and join the running ones."""
-        cache = _cache_of(out) if cache is None else cache
+        cache = _cache_of(out)
         joinable = _joinable(cache)
         if self.joinable is None:
             self.joinable = joinable
@@ -711,7 +707,7 @@ class Batch:
 
     def _abort(self, exc: Exception, group: list) -> None:
         if any(r in self.running for r in group):
-            self.running, self.cache, self.lengths, self.width = [], None, None, 0
+            self._clear()
         for r in group:
             if not r.finished:
                 self._fail(r, exc)
@@ -753,6 +749,12 @@ class Batch:
         self.running += new
         self.lengths, self.width = torch.cat([self.lengths, lengths]), total
 
+    def _clear(self) -> None:
+        """No running rows (``running``, in the cache's row order), no ``cache``, no ``lengths`` (per
+        row: its real tokens in the cache), ``width`` 0 (the cache's columns)."""
+        self.running: list[_Rows] = []
+        self.cache, self.lengths, self.width = None, None, 0
+
     def _leave(self) -> None:
         """Drop the finished jobs' rows from the cache (a joinable one), then the columns no row needs."""
         import torch
@@ -760,7 +762,7 @@ class Batch:
         if not any(r.finished for r in self.running):
             return
         if all(r.finished for r in self.running):
-            self.running, self.cache, self.lengths, self.width = [], None, None, 0
+            self._clear()
             return
         if not self.joinable:
             return
@@ -787,11 +789,12 @@ def _mask(lengths, width: int):
     return (torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]).long()
 
 
-def _positions(lengths, width: int, count: int):
-    """The position ids of the last ``count`` of ``width`` columns (a padding column gets 0)."""
+def _positions(lengths, width: int):
+    """The position ids of rows whose real tokens are the last ``lengths[row]`` of ``width``
+    columns (a padding column gets 0)."""
     import torch
 
-    columns = torch.arange(width - count, width, device=lengths.device)[None, :]
+    columns = torch.arange(width, device=lengths.device)[None, :]
     return (columns - (width - lengths)[:, None]).clamp(min=0)
 
 
