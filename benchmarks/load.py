@@ -368,9 +368,10 @@ def prefill_pause(tokens: int, out: Path, threads: int) -> int:
             if step == 4:
                 joined_at = time.perf_counter()
                 batch.admit([long])
+            decoding = any(j.trackers[0].tokens < 32 for j in running)  # the running requests get a token
             batch.step()
             now = time.perf_counter()
-            if any(not j.done(0) and j.trackers[0].tokens < 32 for j in running) or step < 31:
+            if decoding:
                 gaps.append(now - last)
             if first_token is None and long.trackers[0].tokens and joined_at:
                 first_token = now - joined_at
