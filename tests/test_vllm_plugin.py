@@ -124,6 +124,51 @@ def test_masks_follow_each_request_through_adds_moves_swaps_and_removals(tokeniz
     assert not waiting
 
 
+def test_rows_that_share_a_state_get_the_mask_each_would_get_alone(tokenizer):
+    """The kernel reads a state's mask once for all the rows in it: every row's mask must still be
+    ``forbidden_ids`` of its own state, for states listed by ids, states with more ids than the
+    shared list holds ("e" forbids every token with an e), complement states (a JSON document)
+    and stopped rows; a row whose EOS someone else masked gets it back only if it has nothing left."""
+    configs = [{"policy": {"forbid": [{"literal": "e"}]}}, {"policy": INLINE},
+               {"response_format": {"type": "json_object"}}, "secrets"]
+    prefixes = [tokenizer.encode(t, add_special_tokens=False) for t in ("", "hun", '{"a', "ab")]
+    width, eos = len(tokenizer), tokenizer.eos_token_id
+    plugin = SafeDecodeLogitsProcessor(None, "cpu", False, tokenizer=tokenizer)
+    rows = [(configs[i % 4], list(prefixes[(i // 4) % 4])) for i in range(32)]  # 16 (config, prefix) pairs
+    plugin.update_state(SimpleNamespace(removed=[], moved=[], added=[
+        (i, SimpleNamespace(extra_args={"safedecode": config}), [1], output) for i, (config, output) in enumerate(rows)]))
+    rng = random.Random(0)
+    kinds = {"shared": 0, "long": 0, "complement": 0, "stopped": 0, "restored": 0}
+    for step in range(8):
+        logits = torch.randn(len(rows), width, generator=torch.Generator().manual_seed(step))
+        logits[::3, eos] = float("-inf")  # another processor's min_tokens
+        eos_masked = torch.isneginf(logits[:, eos]).tolist()
+        plugin.apply(logits)
+        states = {}
+        for i, (config, output) in enumerate(rows):
+            compiled = plugin._rows[i].compiled
+            state = compiled.walk(output)
+            want = set(compiled.forbidden_ids(state, width).tolist())
+            if eos_masked[i]:
+                want.add(eos)
+                if len(want) == width:  # nothing left: the one EOS rule gives the first EOS back
+                    want.discard(next(e for e in compiled.eos_ids if e < width))
+                    kinds["restored"] += 1
+            masked = set(np.flatnonzero(torch.isneginf(logits[i]).numpy()).tolist())
+            assert masked == want, (step, i, config, output)
+            states.setdefault((id(compiled), state), []).append(i)
+            kinds["long"] += len(want) > 4096
+            kinds["complement"] += width // 2 < len(want) < width - 1
+            kinds["stopped"] += min(state) < 0
+        kinds["shared"] += sum(len(group) > 1 for group in states.values())
+        for group in states.values():  # rows in one state take one token: they stay together
+            allowed = np.flatnonzero(~torch.isneginf(logits[group[0]]).numpy())
+            token = int(rng.choice(allowed)) if rng.random() < 0.9 else rng.randrange(width)
+            for i in group:
+                rows[i][1].append(token)
+    assert all(kinds.values()), kinds
+
+
 def test_an_add_or_a_move_onto_an_index_discards_its_request(tokenizer):
     """vLLM's Add replaces the request at its index, a unidirectional move discards the one at its
     destination: the new occupant must not inherit the old one's policy or state."""

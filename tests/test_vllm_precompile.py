@@ -16,7 +16,7 @@ def add(plugin, config):
     output = []
     plugin.update_state(SimpleNamespace(removed=[], moved=[],
                                         added=[(0, SimpleNamespace(extra_args={"safedecode": config}), [1], output)]))
-    return plugin._rows[0].guide.compiled
+    return plugin._rows[0].compiled
 
 
 def test_named_policies_are_ready_before_the_first_request(smollm2_tokenizer, monkeypatch):

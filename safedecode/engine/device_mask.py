@@ -191,7 +191,4 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], policies: Sequence[Comp
 @numba.njit(cache=True)
 def _mask_rows(blob, rows, states, logits, ninf):
     """The CPU kernel: ``guard_step``'s masking (and EOS restoration) for the given rows and states."""
-    for i in range(len(rows)):
-        for k in range(states.shape[1]):
-            kernels.mask_row(blob, k, states[i, k], logits[rows[i]], ninf)
-        kernels.restore_eos_if_stuck(blob, logits[rows[i]], ninf)
+    kernels.mask_states(blob, states, rows, logits, ninf)

@@ -5,9 +5,9 @@ generated is *where* that sequence stands in the policy's automaton. A :class:`G
 position for one row (outlines-core's noun): :meth:`Guide.advance` by a token, :meth:`Guide.forbidden`
 ids, :attr:`Guide.is_stopped`. The batched forms drive the numba kernels for many rows at once:
 
-* :func:`advance_guides` — each guide over its own new ids (vLLM: rows of different policies);
 * :func:`mask_guides` — write each guide's mask into rows of a logits tensor, on any device;
-* :func:`step_guides` — both at once, one numba call per policy on CPU logits (the vLLM V1 step);
+* :class:`GuideArray` — the rows of one policy an engine keeps from step to step, their states in
+  one array: advanced and masked in one numba call on CPU logits (the vLLM V1 step);
 * :class:`GuideBatch` — the rows of one transformers ``generate`` call, which passes the whole
   ``input_ids`` every step: each call's rows are recognised as one-token extensions of the
   previous rows (beam search permutes them), advanced and masked in one kernel call.
@@ -32,7 +32,7 @@ from . import kernels
 from .compiled import CompiledPolicy
 from .device_mask import DeviceMasks, int_view, mask_rows
 
-__all__ = ["Guide", "GuideBatch", "advance_guides", "mask_guides", "step_guides"]
+__all__ = ["Guide", "GuideArray", "GuideBatch", "mask_guides"]
 
 
 class Guide:
@@ -79,95 +79,108 @@ class Guide:
         return f"Guide(state={self.state}{', stopped' if self.is_stopped else ''})"
 
 
-def advance_guides(guides: Sequence[Guide], token_ids: Sequence[Sequence[int]]) -> list[int]:
-    """Advance ``guides[i]`` over ``token_ids[i]`` (one numba call per compiled policy), stopping
-    before the first negative id (a placeholder for a token not known yet); returns how many ids of
-    each were read."""
-    read = [0] * len(guides)
-    groups: dict[int, tuple[CompiledPolicy, list[int]]] = {}
-    for i, guide in enumerate(guides):
-        if len(token_ids[i]):
-            groups.setdefault(id(guide.compiled), (guide.compiled, []))[1].append(i)
-    for compiled, members in groups.values():
-        starts = np.zeros(len(members) + 1, np.int64)
-        np.cumsum([len(token_ids[i]) for i in members], out=starts[1:])
-        tokens = np.fromiter((t for i in members for t in token_ids[i]), np.int64, int(starts[-1]))
-        states = np.array([guides[i].state for i in members], dtype=np.int32)
-        counts = _walk_rows(compiled.blob, states, tokens, starts)
-        for i, state, n in zip(members, states, counts):
-            guides[i].state, read[i] = tuple(state.tolist()), int(n)
-    return read
+class GuideArray:
+    """The rows of one compiled policy that an engine keeps from step to step (vLLM's persistent
+    batch): each row owns a *slot*, and the slots' states live in one int32 array (slot ×
+    component) that the kernel advances and masks in place — no tuple per row and step.
+
+    Invariants: a slot is free or owned by exactly one row (:meth:`acquire` / :meth:`release`);
+    an acquired slot starts at the start state; a state below zero in any component is stopped
+    (everything but EOS masked), as for :class:`Guide`.
+    """
+
+    def __init__(self, compiled: CompiledPolicy, capacity: int = 8):
+        self.compiled = compiled
+        self.states = np.zeros((max(1, capacity), compiled.n_components), np.int32)
+        self._free = list(range(len(self.states) - 1, -1, -1))
+
+    def __len__(self) -> int:
+        """Slots in use."""
+        return len(self.states) - len(self._free)
+
+    def acquire(self) -> int:
+        """A free slot, at the start state."""
+        if not self._free:
+            have = len(self.states)
+            self.states = np.concatenate([self.states, np.zeros_like(self.states)])
+            self._free = list(range(2 * have - 1, have - 1, -1))
+        slot = self._free.pop()
+        self.states[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def state(self, slot: int) -> tuple:
+        return tuple(self.states[slot].tolist())
+
+    def reset(self, slot: int, stopped: bool = False) -> None:
+        """Back to the start state (the row's output starts over), or stopped."""
+        self.states[slot] = kernels.VIOLATED if stopped else 0
+
+    def guide(self, slot: int) -> Guide:
+        """A :class:`Guide` at the slot's state (a copy: advancing it leaves the slot as it is)."""
+        return Guide(self.compiled, self.states[slot])
+
+    def advance_all(self, slot: int, token_ids) -> tuple:
+        """Append ``token_ids`` to the slot's row; returns its new state."""
+        state = self.compiled.walk(token_ids, self.state(slot))
+        self.states[slot] = state
+        return state
+
+    def step(self, logits: torch.Tensor, rows: Sequence[int], slots: Sequence[int], tokens: Sequence[int],
+             starts: Sequence[int], masks: Optional[DeviceMasks] = None) -> Optional[np.ndarray]:
+        """Advance slot ``slots[i]`` over ``tokens[starts[i]:starts[i + 1]]`` and mask
+        ``logits[rows[i]]`` for it, in place — one numba call on CPU logits; on another device the
+        states advance on the host and the masks are written on the device (:func:`mask_rows`).
+
+        Stops before the first negative id (a placeholder for a token not known yet): that row is
+        masked as stopped this step (everything but EOS) while its slot keeps the state before the
+        placeholder. Returns None when every id was read, else how many ids of each row were.
+        """
+        view = int_view(logits)
+        rows, slots = np.asarray(rows, np.int64), np.asarray(slots, np.int64)
+        read = np.zeros(len(slots), np.int64)
+        args = (self.compiled.blob, self.states, slots, np.asarray(tokens, np.int64), np.asarray(starts, np.int64),
+                rows, read)
+        if view is not None:
+            pending = _step_slots(*args, *view, True)
+        else:
+            pending = _step_slots(*args, _NO_LOGITS, np.int32(-1), False)
+            states = [tuple(s) for s in self.states[slots].tolist()]
+            if pending:
+                counts = np.diff(np.asarray(starts, np.int64))
+                states = [s if read[i] == counts[i] else (kernels.VIOLATED,) * len(s) for i, s in enumerate(states)]
+            mask_rows(logits, rows.tolist(), [self.compiled] * len(states), states, masks)
+        return read if pending else None
+
+
+_NO_LOGITS = np.zeros((0, 0), np.int32)
 
 
 @numba.njit(cache=True)
-def _walk_rows(blob, states, tokens, starts):
-    read = np.zeros(len(states), np.int64)
-    for i in range(len(states)):
-        for j in range(starts[i], starts[i + 1]):
-            if tokens[j] < 0:
-                break
-            for k in range(states.shape[1]):
-                states[i, k] = kernels.next_state(blob, k, states[i, k], tokens[j])
-            read[i] += 1
-    return read
-
-
-def step_guides(logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide],
-                token_ids: Sequence[Sequence[int]], masks: Optional[DeviceMasks] = None) -> list[int]:
-    """Advance ``guides[i]`` over ``token_ids[i]`` and mask ``logits[rows[i]]`` for it, in place —
-    one numba call per compiled policy on CPU logits. Stops before the first negative id (a
-    placeholder for a token not known yet): such a row is masked as stopped this step (everything
-    but EOS) while its guide keeps the state before the placeholder. Returns how many ids of each
-    were read."""
-    view = int_view(logits)
-    if view is None:  # another device: advance on the host, mask on the device
-        read = advance_guides(guides, token_ids)
-        shown = [g if n == len(ids) else _stopped(g) for g, ids, n in zip(guides, token_ids, read)]
-        mask_guides(logits, rows, shown, masks)
-        return read
-    read = [0] * len(guides)
-    first = guides[0].compiled if guides else None
-    if all(g.compiled is first for g in guides):  # the common case: one policy for every row
-        groups = [(first, range(len(guides)))] if guides else []
-    else:
-        by_policy: dict[int, tuple[CompiledPolicy, list[int]]] = {}
-        for i, guide in enumerate(guides):
-            by_policy.setdefault(id(guide.compiled), (guide.compiled, []))[1].append(i)
-        groups = list(by_policy.values())
-    for compiled, members in groups:
-        starts, tokens = [0], []
-        for i in members:
-            tokens += token_ids[i]
-            starts.append(len(tokens))
-        states = np.array([guides[i].state for i in members], dtype=np.int32)
-        counts = np.zeros(len(members), np.int64)
-        _step_rows(compiled.blob, states, np.array(tokens, np.int64), np.array(starts, np.int64),
-                   np.array([rows[i] for i in members], np.int64), *view, counts)
-        for i, state, n in zip(members, states.tolist(), counts.tolist()):
-            guides[i].state, read[i] = tuple(state), n
-    return read
-
-
-def _stopped(guide: Guide) -> Guide:
-    stopped = guide.copy()
-    stopped.stop()
-    return stopped
-
-
-@numba.njit(cache=True)
-def _step_rows(blob, states, tokens, starts, rows, logits, ninf, read):
-    for i in range(len(states)):
+def _step_slots(blob, states, slots, tokens, starts, rows, read, logits, ninf, apply_mask):
+    """Advance each slot over its tokens (stopping before a placeholder), then mask its row
+    (:func:`~.kernels.mask_states`: once per distinct state); returns how many rows met a
+    placeholder (masked as stopped)."""
+    pending_rows = 0
+    shown = np.empty((len(slots), states.shape[1]), np.int32)
+    for i in range(len(slots)):
+        state = states[slots[i]]
         pending = False
         for j in range(starts[i], starts[i + 1]):
             if tokens[j] < 0:
                 pending = True
                 break
-            for k in range(states.shape[1]):
-                states[i, k] = kernels.next_state(blob, k, states[i, k], tokens[j])
+            for k in range(len(state)):
+                state[k] = kernels.next_state(blob, k, state[k], tokens[j])
             read[i] += 1
-        for k in range(states.shape[1]):
-            kernels.mask_row(blob, k, kernels.VIOLATED if pending else states[i, k], logits[rows[i]], ninf)
-        kernels.restore_eos_if_stuck(blob, logits[rows[i]], ninf)
+        pending_rows += pending
+        for k in range(len(state)):
+            shown[i, k] = kernels.VIOLATED if pending else state[k]
+    if apply_mask:
+        kernels.mask_states(blob, shown, rows, logits, ninf)
+    return pending_rows
 
 
 def mask_guides(logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide],

@@ -103,6 +103,21 @@ def _seg(blob, header, k):
     return blob[header[2 * k]:header[2 * k + 1]]
 
 
+# The per-token kernels below read the blob through scalar offsets (``_at``/``_end``), never
+# through slices: a slice of an array argument is a new array whose reference count numba updates
+# atomically, ~10 ns per slice and ~10 slices per call, which made an empty mask cost ~160 ns.
+@numba.njit(inline="always")
+def _at(blob, k, segment):
+    """Where ``segment`` of component ``k`` starts in ``blob``."""
+    return blob[HEADER_START + k * blob[1] + 2 * segment]
+
+
+@numba.njit(inline="always")
+def _end(blob, k, segment):
+    """Where ``segment`` of component ``k`` ends in ``blob``."""
+    return blob[HEADER_START + k * blob[1] + 2 * segment + 1]
+
+
 @numba.njit(cache=True)
 def _find(sorted_values, lo, hi, value):
     """Index of ``value`` in ``sorted_values[lo:hi]``, or -1."""
@@ -125,25 +140,25 @@ def next_state(blob, component, state, token):
     Tokens without text leave the state unchanged; a token that reaches MATCH or ends where the
     text matches gives VIOLATED, which is absorbing.
     """
-    header = _header(blob, component)
-    id_to_rank = _seg(blob, header, ID_TO_RANK)
-    if state < 0 or token < 0 or token >= len(id_to_rank):
+    id_to_rank = _at(blob, component, ID_TO_RANK)
+    if state < 0 or token < 0 or token >= _end(blob, component, ID_TO_RANK) - id_to_rank:
         return state
-    if id_to_rank[token] < 0:
-        return VIOLATED if id_to_rank[token] == FORBIDDEN_SPECIAL else state
-    offsets = _seg(blob, header, TOKEN_OFFSETS)
-    token_bytes = _seg(blob, header, TOKEN_BYTES)
-    byte_class = _seg(blob, header, BYTE_CLASS)
-    trans = _seg(blob, header, TRANS)
-    n_classes = _seg(blob, header, N_CLASSES)[0]
-    s = _seg(blob, header, BYTE_STATE)[state]
-    for j in range(offsets[token], offsets[token + 1]):
-        s = trans[s * n_classes + byte_class[token_bytes[j]]]
+    rank = blob[id_to_rank + token]
+    if rank < 0:
+        return VIOLATED if rank == FORBIDDEN_SPECIAL else state
+    offsets = _at(blob, component, TOKEN_OFFSETS)
+    token_bytes = _at(blob, component, TOKEN_BYTES)
+    byte_class = _at(blob, component, BYTE_CLASS)
+    trans = _at(blob, component, TRANS)
+    n_classes = blob[_at(blob, component, N_CLASSES)]
+    s = blob[_at(blob, component, BYTE_STATE) + state]
+    for j in range(blob[offsets + token], blob[offsets + token + 1]):
+        s = blob[trans + s * n_classes + blob[byte_class + blob[token_bytes + j]]]
         if s == 0:
             return VIOLATED
-    if _seg(blob, header, END_ACCEPT)[s] != 0:
+    if blob[_at(blob, component, END_ACCEPT) + s] != 0:
         return VIOLATED
-    t = _seg(blob, header, COMPACT)[s]
+    t = blob[_at(blob, component, COMPACT) + s]
     return t if t >= 0 else VIOLATED
 
 
@@ -196,53 +211,80 @@ def mask_row(blob, component, state, row, ninf):
     That is: the tokens whose bytes create a match, the special ids forbidden everywhere, and EOS
     when ``state`` is inside an unfinished block.
     """
-    header = _header(blob, component)
-    rank_to_id = _seg(blob, header, RANK_TO_ID)
+    _mask_row(blob, component, state, row, ninf, None, 0)
+
+
+@numba.njit(cache=True)
+def _forbid(row, ninf, out, n, token):
+    """Forbid ``token``: write ``ninf`` into ``row`` (``out`` is None: numba prunes the other
+    branch), or append it to ``out[:n]`` and return the new count (-1 once ``out`` is full)."""
+    if out is None:
+        row[token] = ninf
+        return n
+    if n < 0 or n >= len(out):
+        return -1
+    out[n] = token
+    return n + 1
+
+
+@numba.njit(cache=True)
+def _mask_row(blob, k, state, row, ninf, out, n):
+    """:func:`mask_row`, or with an ``out`` array the ids it would write, appended to ``out[:n]``
+    (returns the new count; -1 for a state that masks by filling the row — VIOLATED or
+    COMPLEMENT — or when ``out`` is full). ``row`` gives the width (ids beyond it are skipped)."""
+    rank_to_id = _at(blob, k, RANK_TO_ID)
     vocab = len(row)
+    if n < 0:
+        return n
     if state < 0:
-        eos = _seg(blob, header, EOS_IDS)
+        if out is not None:
+            return -1
+        eos = _seg(blob, _header(blob, k), EOS_IDS)
         saved = np.empty(len(eos), row.dtype)
-        for k in range(len(eos)):
-            saved[k] = row[eos[k]] if eos[k] < vocab else ninf
+        for j in range(len(eos)):
+            saved[j] = row[eos[j]] if eos[j] < vocab else ninf
         row[:] = ninf
-        for k in range(len(eos)):
-            if eos[k] < vocab:
-                row[eos[k]] = saved[k]
-        return
-    forb_ptr = _seg(blob, header, FORB_PTR)
-    forb_lo = _seg(blob, header, FORB_LO)
-    forb_hi = _seg(blob, header, FORB_HI)
-    ref = _seg(blob, header, STATE_REF)[state]
+        for j in range(len(eos)):
+            if eos[j] < vocab:
+                row[eos[j]] = saved[j]
+        return n
+    forb_ptr = _at(blob, k, FORB_PTR)
+    ref = blob[_at(blob, k, STATE_REF) + state]
     if ref == COMPLEMENT:
-        _keep_allowed(row, ninf, rank_to_id, forb_lo, forb_hi, forb_ptr[state], forb_ptr[state + 1],
-                      _seg(blob, header, UNRANKED), len(_seg(blob, header, ID_TO_RANK)))
+        if out is not None:
+            return -1
+        header = _header(blob, k)
+        _keep_allowed(row, ninf, _seg(blob, header, RANK_TO_ID), _seg(blob, header, FORB_LO),
+                      _seg(blob, header, FORB_HI), blob[forb_ptr + state], blob[forb_ptr + state + 1],
+                      _seg(blob, header, UNRANKED), _end(blob, k, ID_TO_RANK) - _at(blob, k, ID_TO_RANK))
     else:
         if ref >= 0:
-            override_ptr = _seg(blob, header, OVERRIDE_PTR)
-            override = _seg(blob, header, OVERRIDE)
-            o_lo, o_hi = override_ptr[state], override_ptr[state + 1]
-            ref_ptr = _seg(blob, header, REF_FORB_PTR)
-            lo_s = _seg(blob, header, REF_FORB_LO)
-            hi_s = _seg(blob, header, REF_FORB_HI)
-            for k in range(ref_ptr[ref], ref_ptr[ref + 1]):
-                for r in range(lo_s[k], hi_s[k]):
-                    if o_hi > o_lo and _find(override, o_lo, o_hi, r) >= 0:
+            override = _at(blob, k, OVERRIDE)
+            o_lo = override + blob[_at(blob, k, OVERRIDE_PTR) + state]
+            o_hi = override + blob[_at(blob, k, OVERRIDE_PTR) + state + 1]
+            ref_ptr = _at(blob, k, REF_FORB_PTR)
+            lo_s, hi_s = _at(blob, k, REF_FORB_LO), _at(blob, k, REF_FORB_HI)
+            for j in range(blob[ref_ptr + ref], blob[ref_ptr + ref + 1]):
+                for r in range(blob[lo_s + j], blob[hi_s + j]):
+                    if o_hi > o_lo and _find(blob, o_lo, o_hi, r) >= 0:
                         continue  # the reference forbids r, this state allows it
-                    token = rank_to_id[r]
+                    token = blob[rank_to_id + r]
                     if token < vocab:
-                        row[token] = ninf
-        for k in range(forb_ptr[state], forb_ptr[state + 1]):
-            for r in range(forb_lo[k], forb_hi[k]):
-                token = rank_to_id[r]
+                        n = _forbid(row, ninf, out, n, token)
+        lo_s, hi_s = _at(blob, k, FORB_LO), _at(blob, k, FORB_HI)
+        for j in range(blob[forb_ptr + state], blob[forb_ptr + state + 1]):
+            for r in range(blob[lo_s + j], blob[hi_s + j]):
+                token = blob[rank_to_id + r]
                 if token < vocab:
-                    row[token] = ninf
-    for token in _seg(blob, header, STATIC_FORBIDDEN):
-        if token < vocab:
-            row[token] = ninf
-    if _seg(blob, header, EOS_BLOCKED)[state] != 0:
-        for token in _seg(blob, header, EOS_IDS):
-            if token < vocab:
-                row[token] = ninf
+                    n = _forbid(row, ninf, out, n, token)
+    for j in range(_at(blob, k, STATIC_FORBIDDEN), _end(blob, k, STATIC_FORBIDDEN)):
+        if blob[j] < vocab:
+            n = _forbid(row, ninf, out, n, blob[j])
+    if blob[_at(blob, k, EOS_BLOCKED) + state] != 0:
+        for j in range(_at(blob, k, EOS_IDS), _end(blob, k, EOS_IDS)):
+            if blob[j] < vocab:
+                n = _forbid(row, ninf, out, n, blob[j])
+    return n
 
 
 @numba.njit(cache=True)
@@ -250,21 +292,81 @@ def restore_eos_if_stuck(blob, row, ninf):
     """The one EOS rule (DESIGN §1 "never stuck"): if EOS is masked (by anyone) and nothing else is
     left, unmask the first EOS so the sequence ends. :class:`~.device_mask.DeviceMasks` applies the
     same rule with tensor operations on accelerators."""
-    eos = _seg(blob, _header(blob, 0), EOS_IDS)
     vocab = len(row)
     first = -1
-    for k in range(len(eos)):
-        if eos[k] < vocab:
-            if row[eos[k]] != ninf:
+    for j in range(_at(blob, 0, EOS_IDS), _end(blob, 0, EOS_IDS)):
+        token = blob[j]
+        if token < vocab:
+            if row[token] != ninf:
                 return
             if first < 0:
-                first = eos[k]
+                first = token
     if first < 0:
         return
     for v in range(vocab):
         if row[v] != ninf:
             return
     row[first] = 0  # the bit pattern of 0.0 in every float format
+
+
+@numba.njit(cache=True)
+def mask_state(blob, state, row, ninf):
+    """Mask ``row`` for the product ``state`` (one int per component): every component's
+    :func:`mask_row`, then the one EOS rule (:func:`restore_eos_if_stuck`)."""
+    for k in range(len(state)):
+        mask_row(blob, k, state[k], row, ninf)
+    restore_eos_if_stuck(blob, row, ninf)
+
+
+SHARED_IDS = 4096  # ids a shared state's mask may list (more: each row is masked by the tables)
+
+
+@numba.njit(cache=True)
+def mask_states(blob, states, rows, logits, ninf):
+    """:func:`mask_state` of ``logits[rows[i]]`` for ``states[i]``, for every i — the tables read
+    once per *distinct* state: rows that share a state (``n > 1`` samples, beams, rows that have
+    not left the start state) get the ids it lists, each written in place, so a step costs one
+    traversal per distinct state plus the writes. The same ids as :func:`mask_state` per row (a
+    state that masks by filling the row, or lists more than ``SHARED_IDS`` ids, takes it)."""
+    n = len(rows)
+    keys = np.empty(n, np.int64)
+    for i in range(n):
+        h = np.int64(1469598103934665603)
+        for k in range(states.shape[1]):
+            h = (h ^ np.int64(states[i, k])) * np.int64(1099511628211)
+        keys[i] = h
+    order = np.argsort(keys)
+    ids = np.empty(0, np.int32)
+    i = 0
+    while i < n:
+        a = order[i]
+        j = i + 1
+        while j < n and keys[order[j]] == keys[a] and _equal_rows(states, a, order[j]):
+            j += 1
+        m = -1
+        if j - i > 1:
+            if len(ids) == 0:
+                ids = np.empty(SHARED_IDS, np.int32)
+            m = 0
+            for k in range(states.shape[1]):
+                m = _mask_row(blob, k, states[a, k], logits[rows[a]], ninf, ids, m)
+        for q in range(i, j):
+            row = logits[rows[order[q]]]
+            if m < 0:
+                mask_state(blob, states[order[q]], row, ninf)
+            else:
+                for t in range(m):
+                    row[ids[t]] = ninf
+                restore_eos_if_stuck(blob, row, ninf)
+        i = j
+
+
+@numba.njit(inline="always")
+def _equal_rows(states, a, b):
+    for k in range(states.shape[1]):
+        if states[a, k] != states[b, k]:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ row recognition
@@ -602,8 +704,5 @@ def guard_step(blob, input_ids, tracker, rows, pairs, logits, ninf, apply_mask):
     tracker[0, 1] = length
     if not apply_mask:
         return not continuing
-    for i in range(batch):
-        for k in range(n_comp):
-            mask_row(blob, k, tracker[1 + i, k], logits[i], ninf)
-        restore_eos_if_stuck(blob, logits[i], ninf)
+    mask_states(blob, tracker[1:1 + batch, :n_comp], np.arange(batch), logits, ninf)
     return not continuing

@@ -54,7 +54,10 @@ Invariants, per guarded row:
 
 On CUDA the masks come from per-state id tensors cached on the device
 (:mod:`safedecode.engine.device_mask`): host → device copies only, no host sync per step. CPU logits take
-the numba kernels in place.
+the numba kernels in place: the rows' states live in one array per policy
+(:class:`~safedecode.engine.guide.GuideArray`, a slot per row), so a step is one pass over the rows
+to collect their new ids and one kernel call per policy that advances and masks them all, reading the
+mask tables once per distinct state (rows that share a state share the work).
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ from ..engine import kernels
 from ..engine.compiled import compile_parts, compile_policy
 from ..engine.device_automaton import DeviceAutomatonTooLargeError, device_automaton
 from ..engine.device_mask import device_masks
-from ..engine.guide import Guide, mask_guides, step_guides
+from ..engine.guide import Guide, GuideArray, mask_guides
 from ..policy.rules import Policy, load_policy
 from .options import request_options
 from .wire import KEY as WIRE_KEY, REQUEST_LIMITS, output_type_of, policy_parts
@@ -82,7 +85,8 @@ from .wire import KEY as WIRE_KEY, REQUEST_LIMITS, output_type_of, policy_parts
 _log = logging.getLogger(__name__)
 
 #: Policies to compile when the engine starts (comma-separated names, e.g. ``secrets,exfil``), so that
-#: the first request naming one does not stall an engine step compiling it.
+#: the first request naming one does not stall an engine step compiling it (nor, on the device path,
+#: building its device tables).
 PRECOMPILE_ENV = "SAFEDECODE_VLLM_PRECOMPILE"
 #: ``0`` turns off the warm-up: by default the plugin loads the model's tokenizer, its vocabulary and
 #: token trie and the kernels in the background when the engine starts, so that the first guarded
@@ -126,20 +130,37 @@ _FAIL_CLOSED = Policy(forbid=[{"literal": "\x00", "id": "safedecode-fail-closed"
 
 
 class _Row:
-    """One guarded request: its :class:`Guide`, its live output list, and how many of its ids the
-    guide has read (``consumed``). A row whose config could not be compiled is ``failed``: it stays
-    stopped whatever happens to its output (fail closed)."""
+    """One guarded request: its slot in its policy's :class:`GuideArray` (where its automaton state
+    lives), its live output list (V1), and how many of its ids the state has read (``consumed``).
+    A row whose config could not be compiled is ``failed``: it stays stopped whatever happens to its
+    output (fail closed)."""
 
-    __slots__ = ("guide", "output", "consumed", "failed")
+    __slots__ = ("table", "slot", "output", "consumed", "failed")
 
-    def __init__(self, guide: Guide, output: list, failed: bool = False):
-        self.guide, self.output, self.consumed, self.failed = guide, output, 0, failed
+    def __init__(self, table: GuideArray, output: Optional[list], failed: bool = False):
+        self.table, self.slot, self.output, self.consumed, self.failed = table, table.acquire(), output, 0, failed
+        if failed:
+            table.reset(self.slot, stopped=True)
+
+    @property
+    def compiled(self):
+        return self.table.compiled
+
+    @property
+    def state(self) -> tuple:
+        return self.table.state(self.slot)
+
+    def guide(self) -> Guide:
+        """A copy of the row's state as a :class:`Guide` (to walk drafts on)."""
+        return self.table.guide(self.slot)
+
+    def advance_all(self, token_ids) -> None:
+        self.table.advance_all(self.slot, token_ids)
 
     def start_over(self) -> None:
         """The engine rewrote the output: read it again from the start."""
-        self.consumed, self.guide = 0, Guide(self.guide.compiled)
-        if self.failed:
-            self.guide.stop()
+        self.consumed = 0
+        self.table.reset(self.slot, stopped=self.failed)
 
 
 class _SlotGroup:
@@ -203,6 +224,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
         device = self._req_states.device if self._req_states is not None else device_or_states
         self._masks = device_masks(device, is_pin_memory)  # used when the kernels cannot view the logits
         self._rows: dict[int, _Row] = {}  # V1: batch index -> row; V2: request slot -> row
+        self._tables: dict[int, GuideArray] = {}  # id(compiled) -> the rows' states, while a row uses it
         if device_automaton is None and os.environ.get(DEVICE_AUTOMATON_ENV, "") in ("0", "1"):
             device_automaton = os.environ[DEVICE_AUTOMATON_ENV] == "1"
         if device_automaton is None:
@@ -236,8 +258,13 @@ class SafeDecodeLogitsProcessor(*_BASES):
         for name in names:
             try:
                 start = time.perf_counter()
-                self.precompiled[name] = compile_policy(load_policy(name), self.tokenizer,
-                                                        max_states=REQUEST_LIMITS.max_states)
+                self.precompiled[name] = compiled = compile_policy(load_policy(name), self.tokenizer,
+                                                                   max_states=REQUEST_LIMITS.max_states)
+                if self.device_automaton:  # its device tables too: a request only looks them up
+                    try:
+                        device_automaton(compiled, self._device)
+                    except DeviceAutomatonTooLargeError as exc:
+                        _log.warning("safedecode: policy %r: %s; its tokens are read on the host", name, exc)
                 _log.info("safedecode: policy %r ready in %.1f s", name, time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001 - logged with its reason; requests still validate
                 _log.error("safedecode: %s=%r: cannot precompile %r: %s", PRECOMPILE_ENV,
@@ -256,19 +283,30 @@ class SafeDecodeLogitsProcessor(*_BASES):
         if batch_update is None:
             return
         for index in batch_update.removed:
-            self._rows.pop(index, None)
+            self._put(index, None)
         for index, params, _prompt, output in batch_update.added:
-            row = self._new_row(params, output)
-            if row is None:
-                self._rows.pop(index, None)
-            else:
-                self._rows[index] = row
+            self._put(index, self._new_row(params, output))
         for a, b, direction in batch_update.moved:
             row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
-            if row_a is not None:
-                self._rows[b] = row_a
             if row_b is not None and getattr(direction, "name", direction) == "SWAP":
                 self._rows[a] = row_b
+            elif row_b is not None:  # overwritten
+                self._release(row_b)
+            if row_a is not None:
+                self._rows[b] = row_a
+
+    def _put(self, index: int, row: Optional[_Row]) -> None:
+        """``row`` (or nothing) at ``index``; a row it replaces gives its slot back."""
+        old = self._rows.pop(index, None)
+        if old is not None:
+            self._release(old)
+        if row is not None:
+            self._rows[index] = row
+
+    def _release(self, row: _Row) -> None:
+        row.table.release(row.slot)
+        if not len(row.table):  # nobody uses the policy any more
+            self._tables.pop(id(row.table.compiled), None)
 
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         """Mask every guarded row in place for its current state; other rows are untouched.
@@ -277,16 +315,33 @@ class SafeDecodeLogitsProcessor(*_BASES):
             return logits
         if ctx is not None:
             return self._apply_v2(logits, ctx)
-        rows = list(self._rows.values())
-        for row in rows:
-            if len(row.output) < row.consumed:  # the engine rewrote the list: start over
+        # Per policy: the rows, their slots, and the ids appended since the last step. A negative id
+        # is a placeholder for a token not known yet (async scheduling): not consumed, and that row
+        # fails closed this step.
+        steps: dict[GuideArray, tuple[list, list, list, list, list]] = {}
+        for index, row in self._rows.items():
+            output, consumed = row.output, row.consumed
+            n = len(output)
+            if n < consumed:  # the engine rewrote the list: start over
                 row.start_over()
-        # The ids appended since the last step; a negative one is a placeholder for a token not
-        # known yet (async scheduling): not consumed, and that row fails closed this step.
-        read = step_guides(logits, list(self._rows), [row.guide for row in rows],
-                           [row.output[row.consumed:] for row in rows], self._masks)
-        for row, n in zip(rows, read):
-            row.consumed += n
+                consumed = 0
+            step = steps.get(row.table)
+            if step is None:
+                step = steps[row.table] = ([], [], [], [0], [])
+            step[0].append(index)
+            step[1].append(row.slot)
+            if n == consumed + 1:
+                step[2].append(output[consumed])
+            elif n > consumed:
+                step[2].extend(output[consumed:])
+            step[3].append(len(step[2]))
+            step[4].append(row)
+            row.consumed = n
+        for table, (indices, slots, tokens, starts, rows) in steps.items():
+            read = table.step(logits, indices, slots, tokens, starts, self._masks)
+            if read is not None:  # a placeholder stopped some row: it reads from there next step
+                for i, (row, n) in enumerate(zip(rows, read.tolist())):
+                    row.consumed -= starts[i + 1] - starts[i] - n
         return logits
 
     # -- Model Runner V2 ---------------------------------------------------------------------------
@@ -294,10 +349,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
         """A request enters slot ``req_idx`` (new, or resumed after preemption): its guide starts
         over from its prompt. Returns whether the request is guarded."""
         row = self._new_row(sampling_params, None)
-        if row is None:
-            self._rows.pop(req_idx, None)
-        else:
-            self._rows[req_idx] = row
+        self._put(req_idx, row)
         if self.device_automaton:
             self._stage_slot(req_idx, row)
         return row is not None
@@ -317,11 +369,11 @@ class SafeDecodeLogitsProcessor(*_BASES):
             prompt = int(req.prompt_len.np[slot])
             resumed = max(0, int(req.prefill_len.np[slot]) - prompt)
             if resumed:  # preemption: the output so far, walked once on the host (one read per resume)
-                row.guide.advance_all(req.all_token_ids.gpu[slot, prompt:prompt + resumed].tolist())
+                row.advance_all(req.all_token_ids.gpu[slot, prompt:prompt + resumed].tolist())
             self._start[slot] = prompt
             self._consumed[slot] = resumed
             self._restart[slot] = kernels.VIOLATED if row.failed else 0
-            group.states[slot] = torch.tensor(row.guide.state, dtype=torch.int64)
+            group.states[slot] = torch.tensor(row.state, dtype=torch.int64)
 
     def _apply_v2(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
         if self.device_automaton:
@@ -352,15 +404,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
                 row.start_over()
             if end > start + row.consumed:
                 new = states.all_token_ids.gpu[slot, start + row.consumed:end].tolist()
-                row.guide.advance_all(new)
+                row.advance_all(new)
                 row.consumed = end - start
         guides = []
         for i in guarded:
             row, visible = rows[slots[i]], pos[i] + 1
             committed = int(states.prompt_len.np[slots[i]]) + row.consumed
-            guide = row.guide
-            if visible != committed:  # drafts or a token not yet committed: a copy walks them
-                guide = guide.copy()
+            guide = row.guide()  # a copy: drafts, or a token not yet committed, are walked on it
+            if visible != committed:
                 ahead = [seen[slots[i]].get(p) for p in range(committed, visible)]
                 if visible < committed or None in ahead:  # not derivable from this step: fail closed
                     guide.stop()
@@ -391,7 +442,7 @@ class SafeDecodeLogitsProcessor(*_BASES):
         self._slot_group_of.pop(slot, None)
         self._host_slots.discard(slot)
         if row is not None:
-            compiled = row.guide.compiled
+            compiled = row.compiled
             group = self._groups.get(id(compiled))
             if group is None:
                 try:
@@ -498,9 +549,14 @@ class SafeDecodeLogitsProcessor(*_BASES):
                 parts, budgets = policy_parts(options, guard=False)
                 compiled = compile_parts(list(parts), self.tokenizer, budgets=budgets,
                                          max_states=REQUEST_LIMITS.max_states)
-            return None if compiled is None else _Row(Guide(compiled), output)
+            return None if compiled is None else _Row(self._table(compiled), output)
         except ValueError as exc:  # validate_params refuses these; a request that skipped it fails closed
             _log.error("safedecode: request fails closed (it can only end): %s", exc)
-            guide = Guide(compile_policy(_FAIL_CLOSED, self.tokenizer))
-            guide.stop()
-            return _Row(guide, output, failed=True)
+            return _Row(self._table(compile_policy(_FAIL_CLOSED, self.tokenizer)), output, failed=True)
+
+    def _table(self, compiled) -> GuideArray:
+        """The states of the rows guarded by ``compiled`` (one array per policy in use)."""
+        table = self._tables.get(id(compiled))
+        if table is None:
+            table = self._tables[id(compiled)] = GuideArray(compiled)
+        return table

@@ -237,3 +237,36 @@ def test_device_automaton_fails_closed_past_its_bound(v2_both, tokenizer):
     device.apply_staged_writes()
     device.apply(logits, ctx)
     assert set(torch.nonzero(~torch.isneginf(logits[0])).flatten().tolist()) == {tokenizer.eos_token_id}
+
+
+def test_precompiled_policies_have_their_device_tables_before_the_first_request(model_dir, monkeypatch):
+    """$SAFEDECODE_VLLM_PRECOMPILE on the device path: the warm-up builds the named policy's device
+    tables too, so the engine step that admits the first request naming it builds nothing."""
+    from vllm.v1.worker.gpu import buffer_utils
+
+    from safedecode.engine import device_automaton as module
+
+    built = []
+
+    class Counted(module.DeviceAutomaton):
+        def __init__(self, compiled, device, **options):
+            built.append(compiled)
+            super().__init__(compiled, device, **options)
+
+    monkeypatch.setattr(module, "DeviceAutomaton", Counted)
+    monkeypatch.setattr(module, "_shared", type(module._shared)())  # nothing built by an earlier test
+    monkeypatch.setattr(buffer_utils, "is_uva_available", lambda: False)
+    monkeypatch.setenv("SAFEDECODE_DEVICE_AUTOMATON", "1")
+    monkeypatch.setenv("SAFEDECODE_VLLM_PRECOMPILE", "secrets")
+    from safedecode.models import load_default_tokenizer
+
+    states = RequestState(max_num_reqs=2, max_model_len=32, max_num_batched_tokens=32, num_speculative_steps=0,
+                          vocab_size=len(load_default_tokenizer()), device=torch.device("cpu"))
+    config = SimpleNamespace(model_config=SimpleNamespace(tokenizer=model_dir))
+    processors = loader.build_custom_logits_processors(config, states, False, [])
+    plugin = next(p for p in processors if isinstance(p, SafeDecodeLogitsProcessor))
+    plugin._warmup.join()
+    assert built == [plugin.precompiled["secrets"]]
+    assert plugin.add_request(0, SamplingParams(extra_args={"safedecode": "secrets"}))
+    plugin.apply_staged_writes()
+    assert built == [plugin.precompiled["secrets"]]  # the admitting step looked the tables up
