@@ -329,6 +329,9 @@ def mask_states(blob, states, rows, logits, ninf):
     traversal per distinct state plus the writes. The same ids as :func:`mask_state` per row (a
     state that masks by filling the row, or lists more than ``SHARED_IDS`` ids, takes it)."""
     n = len(rows)
+    if n == 1:
+        mask_state(blob, states[0], logits[rows[0]], ninf)
+        return
     keys = np.empty(n, np.int64)
     for i in range(n):
         h = np.int64(1469598103934665603)
