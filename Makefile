@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
+# numba keys each cached kernel by its own file's timestamp, not by the files it inlines: after an edit
+# of kernels.py alone, a cached caller in guide.py would keep the old code. The cache folder is named
+# after the content of every numba source instead, so any edit starts a fresh one.
+KERNEL_SOURCES := $(sort $(wildcard safedecode/engine/*.py safedecode/tokens/*.py safedecode/automata/*.py))
+KERNEL_HASH := $(shell cat $(KERNEL_SOURCES) | sha1sum | cut -c1-12)
+export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba-$(KERNEL_HASH)
 
 .PHONY: demo test test-vllm vllm-env bench env clean
 
@@ -50,7 +55,7 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 vllm-env: $(VLLM_VENV)/.installed
 
 test-vllm: vllm-env
-	NUMBA_CACHE_DIR=$(CURDIR)/.cache/numba-vllm $(VPY) -m pytest -q -p no:cacheprovider tests/real_vllm
+	NUMBA_CACHE_DIR=$(CURDIR)/.cache/numba-vllm-$(KERNEL_HASH) $(VPY) -m pytest -q -p no:cacheprovider tests/real_vllm
 
 # Every figure of the README, in order: engine overhead and scale (peers side by side, context-length
 # sweep), compile stages, structured outputs, the step and batch breakdowns, telemetry cost, the
