@@ -30,7 +30,6 @@ from collections import OrderedDict
 from itertools import count
 from typing import Optional, Sequence
 
-import numba
 import numpy as np
 import torch
 
@@ -184,11 +183,6 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], policies: Sequence[Comp
         group[1].append(row)
         group[2].append(state)
     for policy, group_rows, group_states in groups.values():
-        _mask_rows(policy.blob, np.asarray(group_rows, np.int64), np.asarray(group_states, np.int32), *view)
+        kernels.mask_states(policy.blob, np.asarray(group_states, np.int32), np.asarray(group_rows, np.int64),
+                            *view)
     return logits
-
-
-@numba.njit(cache=True)
-def _mask_rows(blob, rows, states, logits, ninf):
-    """The CPU kernel: ``guard_step``'s masking (and EOS restoration) for the given rows and states."""
-    kernels.mask_states(blob, states, rows, logits, ninf)
